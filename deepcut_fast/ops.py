@@ -1,0 +1,161 @@
+"""Autograd and backend dispatch of the contrastive loss.
+
+The fused backends share one ``torch.library`` custom op pair (forward / backward) so that
+``torch.compile(fullgraph=True)`` sees a single opaque node with a fake implementation,
+while eager calls run the selected kernel. The op returns per-anchor statistics; the
+normalisation before it and the reduction after it are plain differentiable torch code.
+"""
+from typing import Optional
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor
+
+from deepcut_fast.reference import NORM_EPS, contrastive_unlearn_loss_reference
+
+FUSED_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
+BACKENDS = ("auto", "triton", "reference")
+
+
+def _triton_module():
+    from deepcut_fast.kernels import contrastive  # imports triton; optional on CPU-only setups
+
+    return contrastive
+
+
+def backend_unavailable_reason(backend: str, device: torch.device, dtype: torch.dtype) -> Optional[str]:
+    """Why ``backend`` cannot run on this device and dtype, or None if it can."""
+    if backend == "reference":
+        return None
+    if dtype not in FUSED_DTYPES:
+        return f"fused kernels take float32, float16 or bfloat16, got {dtype} (use backend='reference')"
+    if backend == "triton":
+        try:
+            kernels = _triton_module()
+        except ImportError as err:
+            return f"Triton is not installed ({err})"
+        if device.type == "cuda":
+            return None
+        if device.type == "cpu":
+            if kernels.INTERPRET:
+                return None
+            return ("Triton runs CPU tensors only in its interpreter: set TRITON_INTERPRET=1 "
+                    "before importing deepcut_fast (slow; meant for tests)")
+        return f"Triton kernels run on CUDA devices, got device {device}"
+    raise ValueError(f"backend must be one of {BACKENDS}, got {backend!r}")
+
+
+def resolve_backend(backend: str, device: torch.device, dtype: torch.dtype) -> str:
+    """The concrete backend for ``backend`` ('auto' picks the fastest available one)."""
+    if backend == "auto":
+        if device.type == "cuda" and backend_unavailable_reason("triton", device, dtype) is None:
+            return "triton"
+        return "reference"  # CPU: the reference until a compiled CPU kernel exists
+    reason = backend_unavailable_reason(backend, device, dtype)
+    if reason is not None:
+        raise RuntimeError(f"backend={backend!r} is unavailable: {reason}")
+    return backend
+
+
+def _fused_module(backend: str):
+    if backend == "triton":
+        return _triton_module()
+    raise ValueError(f"no fused implementation named {backend!r}")
+
+
+@torch.library.custom_op("deepcut_fast::contrast_forward", mutates_args=())
+def contrast_forward(u: Tensor, labels: Tensor, forget: Tensor, instance_ids: Tensor,
+                     candidates: Optional[Tensor], candidate_labels: Optional[Tensor],
+                     temperature: float, pull_lse: bool, ignore_index: int,
+                     backend: str) -> tuple[Tensor, Tensor, Tensor, Tensor]:
+    """Per-anchor (loss, logsumexp over A, logsumexp over P, |P|) of normalised rows u."""
+    return _fused_module(backend).forward(u, labels, forget, instance_ids, candidates,
+                                          candidate_labels, temperature, pull_lse, ignore_index)
+
+
+@contrast_forward.register_fake
+def _(u, labels, forget, instance_ids, candidates, candidate_labels, temperature, pull_lse,
+      ignore_index, backend):
+    M = u.shape[0]
+    stats = tuple(u.new_empty(M, dtype=torch.float32) for _ in range(3))
+    return stats + (u.new_empty(M, dtype=torch.int32),)
+
+
+@torch.library.custom_op("deepcut_fast::contrast_backward", mutates_args=())
+def contrast_backward(grad_loss: Tensor, u: Tensor, labels: Tensor, forget: Tensor,
+                      instance_ids: Tensor, candidates: Optional[Tensor],
+                      candidate_labels: Optional[Tensor], lse_a: Tensor, lse_p: Tensor,
+                      count: Tensor, temperature: float, pull_lse: bool, ignore_index: int,
+                      backend: str, need_anchor_grad: bool,
+                      need_candidate_grad: bool) -> tuple[Tensor, Tensor]:
+    """(dL/du, dL/dcandidates) in the inputs' dtypes; a gradient not needed is empty."""
+    du, dc = _fused_module(backend).backward(
+        grad_loss, u, labels, forget, instance_ids, candidates, candidate_labels, lse_a, lse_p,
+        count, temperature, pull_lse, ignore_index, need_anchor_grad, need_candidate_grad)
+    du = u.new_empty(0, u.shape[1]) if du is None else du.to(u.dtype)
+    dc = u.new_empty(0, u.shape[1]) if dc is None else dc.to(candidates.dtype)
+    return du, dc
+
+
+@contrast_backward.register_fake
+def _(grad_loss, u, labels, forget, instance_ids, candidates, candidate_labels, lse_a, lse_p,
+      count, temperature, pull_lse, ignore_index, backend, need_anchor_grad, need_candidate_grad):
+    du = torch.empty_like(u) if need_anchor_grad else u.new_empty(0, u.shape[1])
+    dc = torch.empty_like(candidates) if need_candidate_grad else u.new_empty(0, u.shape[1])
+    return du, dc
+
+
+def _setup_context(ctx, inputs, output):
+    u, labels, forget, instance_ids, candidates, candidate_labels, *options = inputs
+    _, lse_a, lse_p, count = output
+    ctx.save_for_backward(u, labels, forget, instance_ids, candidates, candidate_labels,
+                          lse_a, lse_p, count)
+    ctx.options = options  # temperature, pull_lse, ignore_index, backend
+
+
+def _backward(ctx, grad_loss, *unused_stat_grads):
+    u, labels, forget, instance_ids, candidates, candidate_labels, lse_a, lse_p, count = ctx.saved_tensors
+    need_anchor = ctx.needs_input_grad[0]
+    need_candidate = candidates is not None and ctx.needs_input_grad[4]
+    du, dc = contrast_backward(grad_loss, u, labels, forget, instance_ids, candidates,
+                               candidate_labels, lse_a, lse_p, count, *ctx.options,
+                               need_anchor, need_candidate)
+    return (du if need_anchor else None, None, None, None, dc if need_candidate else None,
+            None, None, None, None, None)
+
+
+contrast_forward.register_autograd(_backward, setup_context=_setup_context)
+
+
+def contrastive_unlearn_loss(z, labels, forget_mask, instance_ids, candidates, candidate_labels,
+                             temperature, forget_weight, retain_weight, forget_pull, normalize,
+                             reduction, ignore_index, backend):
+    """The loss on an already validated batch (see deepcut_fast.loss for the arguments)."""
+    backend = resolve_backend(backend, z.device, z.dtype)
+    options = dict(instance_ids=instance_ids, candidates=candidates, candidate_labels=candidate_labels,
+                   temperature=temperature, forget_weight=forget_weight, retain_weight=retain_weight,
+                   forget_pull=forget_pull, normalize=normalize, reduction=reduction,
+                   ignore_index=ignore_index)
+    if backend == "reference":
+        return contrastive_unlearn_loss_reference(z, labels, forget_mask, **options)
+
+    def unit_rows(x):  # normalise in fp32, then run the kernel in the input dtype
+        return F.normalize(x.float(), dim=1, eps=NORM_EPS).to(x.dtype) if normalize else x
+
+    if instance_ids is None:
+        instance_ids = torch.arange(z.shape[0], device=z.device)
+    per_anchor, _, _, count = contrast_forward(
+        unit_rows(z), labels, forget_mask, instance_ids,
+        None if candidates is None else unit_rows(candidates), candidate_labels,
+        float(temperature), forget_pull == "logsumexp", int(ignore_index), backend)
+    if reduction == "none":
+        return per_anchor.to(z.dtype)
+    counted = count > 0
+    forget_rows = (counted & forget_mask).float()
+    retain_rows = (counted & ~forget_mask).float()
+    forget_part = (per_anchor * forget_rows).sum()
+    retain_part = (per_anchor * retain_rows).sum()
+    if reduction == "mean":  # a group with no counted anchor adds 0
+        forget_part = forget_part / forget_rows.sum().clamp(min=1)
+        retain_part = retain_part / retain_rows.sum().clamp(min=1)
+    return (forget_weight * forget_part + retain_weight * retain_part).to(z.dtype)

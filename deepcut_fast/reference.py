@@ -1,0 +1,71 @@
+"""Plain PyTorch reference of the DeepCUT contrastive loss (SPEC.md section 2).
+
+It materialises the M x N similarity matrix and every mask, so it is easy to check by
+reading and is the oracle of every test and the baseline of every benchmark. It is not
+meant to be fast or memory-frugal.
+"""
+import torch
+import torch.nn.functional as F
+
+NORM_EPS = 1e-12
+
+
+def pair_masks(labels, forget_mask, candidate_labels, instance_ids, self_case, ignore_index):
+    """Boolean [M, N] masks (in_a, in_p): the contrast set A(i) and the positives P(i)."""
+    M, N = labels.shape[0], candidate_labels.shape[0]
+    device = labels.device
+    forget = forget_mask[:, None]
+    if self_case:
+        candidate_is_retain = ~forget_mask[None, :]
+        same_instance = instance_ids[:, None] == instance_ids[None, :]
+        excluded = torch.eye(M, dtype=torch.bool, device=device) | (forget & same_instance)
+    else:  # a candidate bank holds retain rows only and excludes nothing
+        candidate_is_retain = torch.ones(1, N, dtype=torch.bool, device=device)
+        excluded = torch.zeros(M, N, dtype=torch.bool, device=device)
+    usable = (labels != ignore_index)[:, None] & (candidate_labels != ignore_index)[None, :] & ~excluded
+    same_class = labels[:, None] == candidate_labels[None, :]
+    # retain anchors see retain rows only; forget anchors also see same-class forget rows
+    in_a = usable & (candidate_is_retain | (forget & same_class))
+    # retain anchors: same-class retain rows; forget anchors: other-class retain rows
+    in_p = in_a & candidate_is_retain & (same_class != forget)
+    return in_a, in_p
+
+
+def contrastive_unlearn_loss_reference(
+    z, labels, forget_mask, *, instance_ids=None, candidates=None, candidate_labels=None,
+    temperature=0.07, forget_weight=1.0, retain_weight=1.0, forget_pull="logsumexp",
+    normalize=True, reduction="mean", ignore_index=-100,
+):
+    """Same signature and result as deepcut_fast.contrastive_unlearn_loss, without checks."""
+    self_case = candidates is None
+    u = F.normalize(z, dim=1, eps=NORM_EPS) if normalize else z
+    if self_case:
+        c, candidate_labels = u, labels
+        if instance_ids is None:
+            instance_ids = torch.arange(z.shape[0], device=z.device)
+    else:
+        c = F.normalize(candidates, dim=1, eps=NORM_EPS) if normalize else candidates
+    s = u @ c.T / temperature
+    in_a, in_p = pair_masks(labels, forget_mask, candidate_labels, instance_ids, self_case, ignore_index)
+
+    n_pos = in_p.sum(1)
+    counted = n_pos > 0  # anchors without positives contribute nothing
+    # Work on counted rows only: their A(i) and P(i) are non-empty, so no log(0) reaches autograd.
+    s_k, a_k, p_k = s[counted], in_a[counted], in_p[counted]
+    lse_a = torch.logsumexp(s_k.masked_fill(~a_k, float("-inf")), dim=1)
+    mean_pos = (s_k * p_k).sum(1) / n_pos[counted]
+    lse_pos = torch.logsumexp(s_k.masked_fill(~p_k, float("-inf")), dim=1)
+    use_lse = forget_mask[counted] & (forget_pull == "logsumexp")
+    per_anchor = s.new_zeros(z.shape[0])
+    per_anchor[counted] = lse_a - torch.where(use_lse, lse_pos, mean_pos)
+
+    if reduction == "none":
+        return per_anchor
+    forget_rows = counted & forget_mask
+    retain_rows = counted & ~forget_mask
+    forget_total = per_anchor[forget_rows].sum()
+    retain_total = per_anchor[retain_rows].sum()
+    if reduction == "mean":  # a group with no counted anchor adds 0
+        forget_total = forget_total / forget_rows.sum().clamp(min=1)
+        retain_total = retain_total / retain_rows.sum().clamp(min=1)
+    return forget_weight * forget_total + retain_weight * retain_total

@@ -1,0 +1,348 @@
+"""Fused Triton kernels of the DeepCUT contrastive loss (SPEC.md section 2).
+
+Forward: one program per block of anchors streams over candidate tiles and keeps, per anchor,
+an online log-sum-exp over the contrast set A(i), another over the positives P(i) (for the
+"logsumexp" forget pull), and the sum and count of positive similarities. Only these O(M)
+statistics are written; the M x N similarity matrix never exists.
+
+Backward (FlashAttention style): similarities are recomputed tile by tile from the saved
+log-sum-exps. One kernel walks candidate tiles for a block of anchors and writes dL/du; a
+second walks anchor tiles for a block of candidates and writes dL/dc. Each program owns its
+output rows, so there are no atomics and the result is deterministic.
+
+Logits are kept in base 2 (s2 = s * log2(e)) so the kernels use exp2/log2; the saved
+log-sum-exps are in natural units, which is the contract with the other backends.
+
+The masks are computed on the fly from labels, forget flags, instance ids and row indices.
+"""
+import os
+
+import torch
+import triton
+import triton.language as tl
+
+# Read when the kernels are decorated, like Triton itself does.
+INTERPRET = os.environ.get("TRITON_INTERPRET", "0") == "1"
+
+LOG2E = 1.4426950408889634
+
+# Tile configs a GPU may pick (autotuned per D and dtype). The ahead-of-time compile test
+# builds every one of them for sm_80 and sm_90.
+GPU_FORWARD_CONFIGS = [
+    triton.Config({"BLOCK_M": 128, "BLOCK_N": 64, "BLOCK_K": 64}, num_warps=8, num_stages=3),
+    triton.Config({"BLOCK_M": 64, "BLOCK_N": 64, "BLOCK_K": 64}, num_warps=4, num_stages=3),
+    triton.Config({"BLOCK_M": 128, "BLOCK_N": 128, "BLOCK_K": 32}, num_warps=8, num_stages=3),
+]
+GPU_BACKWARD_CONFIGS = [
+    triton.Config({"BLOCK_M": 64, "BLOCK_N": 64, "BLOCK_K": 64, "BLOCK_DO": 128}, num_warps=4, num_stages=2),
+    triton.Config({"BLOCK_M": 64, "BLOCK_N": 64, "BLOCK_K": 32, "BLOCK_DO": 64}, num_warps=4, num_stages=3),
+    triton.Config({"BLOCK_M": 128, "BLOCK_N": 64, "BLOCK_K": 64, "BLOCK_DO": 128}, num_warps=8, num_stages=2),
+]
+# The interpreter runs one config only (autotune over several fails there); small GPU-legal
+# tiles keep it quick and still exercise ragged edges at test sizes.
+INTERPRET_FORWARD_CONFIGS = [triton.Config({"BLOCK_M": 32, "BLOCK_N": 32, "BLOCK_K": 32})]
+INTERPRET_BACKWARD_CONFIGS = [triton.Config({"BLOCK_M": 32, "BLOCK_N": 32, "BLOCK_K": 32, "BLOCK_DO": 32})]
+
+
+@triton.jit
+def _similarity(x_ptr, x_rows, x_ok, x_stride, y_ptr, y_rows, y_ok, y_stride, D,
+                BLOCK_X: tl.constexpr, BLOCK_Y: tl.constexpr, BLOCK_K: tl.constexpr,
+                UPCAST: tl.constexpr, PRECISION: tl.constexpr):
+    """x[x_rows] @ y[y_rows]^T in fp32, looping over D in chunks of BLOCK_K."""
+    acc = tl.zeros((BLOCK_X, BLOCK_Y), dtype=tl.float32)
+    x_base = x_ptr + x_rows.to(tl.int64)[:, None] * x_stride
+    y_base = y_ptr + y_rows.to(tl.int64)[None, :] * y_stride
+    for k0 in range(0, D, BLOCK_K):
+        ks = k0 + tl.arange(0, BLOCK_K)
+        k_ok = ks < D
+        x = tl.load(x_base + ks[None, :], mask=x_ok[:, None] & k_ok[None, :], other=0.0)
+        y = tl.load(y_base + ks[:, None], mask=k_ok[:, None] & y_ok[None, :], other=0.0)
+        if UPCAST:  # the interpreter multiplies bf16 dot operands wrongly
+            x = x.to(tl.float32)
+            y = y.to(tl.float32)
+        acc = tl.dot(x, y, acc, input_precision=PRECISION)
+    return acc
+
+
+@triton.jit
+def _pair_masks(a_label, a_forget, a_inst, a_idx, c_label, c_forget, c_inst, c_idx,
+                ignore_index, SELF: tl.constexpr):
+    """Masks (in A(i), in P(i)) of a tile; the caller broadcasts anchor and candidate vectors."""
+    usable = (a_label != ignore_index) & (c_label != ignore_index)
+    same_class = a_label == c_label
+    if SELF:
+        # no self pair; a forget anchor also skips the other views of its own instance
+        usable = usable & (a_idx != c_idx) & ~(a_forget & (a_inst == c_inst))
+        c_retain = c_forget == 0
+        # retain anchors see retain rows only; forget anchors also same-class forget rows
+        in_a = usable & (c_retain | (a_forget & same_class))
+        in_p = in_a & c_retain & (same_class ^ a_forget)
+    else:  # a candidate bank is all retain rows and excludes nothing
+        in_a = usable
+        in_p = usable & (same_class ^ a_forget)
+    return in_a, in_p
+
+
+@triton.jit
+def _online_lse(m, l, s2, keep):
+    """One step of a streaming base-2 log-sum-exp over the kept entries of each row."""
+    s2 = tl.where(keep, s2, float("-inf"))
+    m_new = tl.maximum(m, tl.max(s2, 1))
+    # rows that have kept nothing yet stay at -inf; shift them by 0 to avoid (-inf) - (-inf)
+    shift = tl.where(m_new == float("-inf"), 0.0, m_new)
+    l = l * tl.exp2(m - shift) + tl.sum(tl.exp2(s2 - shift[:, None]), 1)
+    return m_new, l
+
+
+@triton.jit
+def _finish_lse(m, l):
+    """Natural log-sum-exp from the base-2 running (max, sum); -inf for an empty set."""
+    has_any = l > 0
+    return tl.where(has_any, (m + tl.log2(tl.where(has_any, l, 1.0))) * 0.6931471805599453, float("-inf"))
+
+
+@triton.jit
+def _logit_grad(s2, in_a, in_p, a_forget, coef, lse_a2, lse_p2, inv_count, PULL_LSE: tl.constexpr):
+    """dL/ds for a tile: coef * (softmax over A - positive weights); all stats pre-broadcast."""
+    p_a = tl.where(in_a, tl.exp2(s2 - lse_a2), 0.0)
+    q = tl.where(in_p, inv_count, 0.0)  # mean over positives
+    if PULL_LSE:  # forget anchors pull with a softmax over their positives instead
+        q = tl.where(a_forget, tl.where(in_p, tl.exp2(s2 - lse_p2), 0.0), q)
+    return coef * (p_a - q)
+
+
+@triton.jit
+def _load_rows(LABEL, FORGET, INST, rows, ok, ignore_index, SELF: tl.constexpr):
+    """Labels, forget flags and instance ids of some rows (out-of-range rows are ignored)."""
+    label = tl.load(LABEL + rows, mask=ok, other=ignore_index)
+    if SELF:
+        forget = tl.load(FORGET + rows, mask=ok, other=0) != 0
+        inst = tl.load(INST + rows, mask=ok, other=-1)
+    else:  # candidate-bank case: flags and ids are not used by the masks
+        forget = label != label
+        inst = label
+    return label, forget, inst
+
+
+@triton.jit
+def _load_anchor_stats(A_LABEL, A_FORGET, GRAD, LSE_A, LSE_P, COUNT, rows, ok, ignore_index):
+    """What the backward needs per anchor: metadata, upstream coefficient and base-2 stats."""
+    label = tl.load(A_LABEL + rows, mask=ok, other=ignore_index)
+    forget = tl.load(A_FORGET + rows, mask=ok, other=0) != 0
+    count = tl.load(COUNT + rows, mask=ok, other=0)
+    # anchors without positives have a constant loss of 0: no gradient
+    coef = tl.where(count > 0, tl.load(GRAD + rows, mask=ok, other=0.0), 0.0)
+    lse_a2 = tl.load(LSE_A + rows, mask=ok, other=0.0) * 1.4426950408889634
+    lse_p2 = tl.load(LSE_P + rows, mask=ok, other=0.0) * 1.4426950408889634
+    inv_count = 1.0 / tl.maximum(count, 1).to(tl.float32)
+    return label, forget, coef, lse_a2, lse_p2, inv_count
+
+
+@triton.jit
+def _forward_kernel(U, C, A_LABEL, A_FORGET, A_INST, C_LABEL, C_FORGET, C_INST,
+                    LOSS, LSE_A, LSE_P, COUNT,
+                    M, N, D, stride_u, stride_c, qk_scale, ignore_index,
+                    SELF: tl.constexpr, PULL_LSE: tl.constexpr, UPCAST: tl.constexpr,
+                    PRECISION: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
+                    BLOCK_K: tl.constexpr):
+    rows = tl.program_id(0) * BLOCK_M + tl.arange(0, BLOCK_M)
+    row_ok = rows < M
+    a_label = tl.load(A_LABEL + rows, mask=row_ok, other=ignore_index)
+    a_forget = tl.load(A_FORGET + rows, mask=row_ok, other=0) != 0
+    a_inst = tl.load(A_INST + rows, mask=row_ok, other=-1)
+
+    m_a = tl.full([BLOCK_M], float("-inf"), tl.float32)
+    l_a = tl.zeros([BLOCK_M], tl.float32)
+    m_p = tl.full([BLOCK_M], float("-inf"), tl.float32)
+    l_p = tl.zeros([BLOCK_M], tl.float32)
+    pos_sum = tl.zeros([BLOCK_M], tl.float32)
+    pos_count = tl.zeros([BLOCK_M], tl.int32)
+    for n0 in range(0, N, BLOCK_N):
+        cols = n0 + tl.arange(0, BLOCK_N)
+        col_ok = cols < N
+        c_label, c_forget, c_inst = _load_rows(C_LABEL, C_FORGET, C_INST, cols, col_ok, ignore_index, SELF)
+        s2 = _similarity(U, rows, row_ok, stride_u, C, cols, col_ok, stride_c, D,
+                         BLOCK_M, BLOCK_N, BLOCK_K, UPCAST, PRECISION) * qk_scale
+        in_a, in_p = _pair_masks(a_label[:, None], a_forget[:, None], a_inst[:, None], rows[:, None],
+                                 c_label[None, :], c_forget[None, :], c_inst[None, :], cols[None, :],
+                                 ignore_index, SELF)
+        m_a, l_a = _online_lse(m_a, l_a, s2, in_a)
+        if PULL_LSE:
+            m_p, l_p = _online_lse(m_p, l_p, s2, in_p & a_forget[:, None])
+        pos_sum += tl.sum(tl.where(in_p, s2, 0.0), 1)
+        pos_count += tl.sum(in_p.to(tl.int32), 1)
+
+    counted = pos_count > 0
+    lse_a = _finish_lse(m_a, l_a)
+    pull = pos_sum * 0.6931471805599453 / tl.maximum(pos_count, 1).to(tl.float32)
+    lse_p = tl.zeros([BLOCK_M], tl.float32)
+    if PULL_LSE:
+        lse_p = tl.where(a_forget & counted, _finish_lse(m_p, l_p), 0.0)
+        pull = tl.where(a_forget, lse_p, pull)
+    tl.store(LOSS + rows, tl.where(counted, lse_a - pull, 0.0), mask=row_ok)
+    tl.store(LSE_A + rows, lse_a, mask=row_ok)
+    tl.store(LSE_P + rows, lse_p, mask=row_ok)
+    tl.store(COUNT + rows, pos_count, mask=row_ok)
+
+
+@triton.jit
+def _backward_anchor_kernel(U, C, A_LABEL, A_FORGET, A_INST, C_LABEL, C_FORGET, C_INST,
+                            GRAD, LSE_A, LSE_P, COUNT, DU,
+                            M, N, D, stride_u, stride_c, stride_du, qk_scale, grad_scale,
+                            ignore_index,
+                            SELF: tl.constexpr, PULL_LSE: tl.constexpr, UPCAST: tl.constexpr,
+                            PRECISION: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
+                            BLOCK_K: tl.constexpr, BLOCK_DO: tl.constexpr):
+    """dL/du for BLOCK_M anchors x BLOCK_DO output features: sum_j dL/ds_ij c_j / tau."""
+    rows = tl.program_id(0) * BLOCK_M + tl.arange(0, BLOCK_M)
+    row_ok = rows < M
+    a_label, a_forget, coef, lse_a2, lse_p2, inv_count = _load_anchor_stats(
+        A_LABEL, A_FORGET, GRAD, LSE_A, LSE_P, COUNT, rows, row_ok, ignore_index)
+    a_inst = tl.load(A_INST + rows, mask=row_ok, other=-1)
+    dims = tl.program_id(1) * BLOCK_DO + tl.arange(0, BLOCK_DO)
+    dim_ok = dims < D
+
+    acc = tl.zeros((BLOCK_M, BLOCK_DO), dtype=tl.float32)
+    for n0 in range(0, N, BLOCK_N):
+        cols = n0 + tl.arange(0, BLOCK_N)
+        col_ok = cols < N
+        c_label, c_forget, c_inst = _load_rows(C_LABEL, C_FORGET, C_INST, cols, col_ok, ignore_index, SELF)
+        s2 = _similarity(U, rows, row_ok, stride_u, C, cols, col_ok, stride_c, D,
+                         BLOCK_M, BLOCK_N, BLOCK_K, UPCAST, PRECISION) * qk_scale
+        in_a, in_p = _pair_masks(a_label[:, None], a_forget[:, None], a_inst[:, None], rows[:, None],
+                                 c_label[None, :], c_forget[None, :], c_inst[None, :], cols[None, :],
+                                 ignore_index, SELF)
+        ds = _logit_grad(s2, in_a, in_p, a_forget[:, None], coef[:, None], lse_a2[:, None],
+                         lse_p2[:, None], inv_count[:, None], PULL_LSE)
+        c = tl.load(C + cols.to(tl.int64)[:, None] * stride_c + dims[None, :],
+                    mask=col_ok[:, None] & dim_ok[None, :], other=0.0)
+        if UPCAST:
+            acc = tl.dot(ds, c.to(tl.float32), acc, input_precision=PRECISION)
+        else:  # tensor cores in the input dtype, like FlashAttention's P @ V
+            acc = tl.dot(ds.to(c.dtype), c, acc, input_precision=PRECISION)
+    tl.store(DU + rows.to(tl.int64)[:, None] * stride_du + dims[None, :], acc * grad_scale,
+             mask=row_ok[:, None] & dim_ok[None, :])
+
+
+@triton.jit
+def _backward_candidate_kernel(U, C, A_LABEL, A_FORGET, A_INST, C_LABEL, C_FORGET, C_INST,
+                               GRAD, LSE_A, LSE_P, COUNT, DC,
+                               M, N, D, stride_u, stride_c, stride_dc, qk_scale, grad_scale,
+                               ignore_index,
+                               SELF: tl.constexpr, PULL_LSE: tl.constexpr, UPCAST: tl.constexpr,
+                               PRECISION: tl.constexpr, BLOCK_M: tl.constexpr,
+                               BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
+                               BLOCK_DO: tl.constexpr):
+    """dL/dc for BLOCK_N candidates x BLOCK_DO features: sum_i dL/ds_ij u_i / tau.
+
+    Tiles are computed transposed ([candidates, anchors]) so the product with u needs no
+    transpose; the anchor statistics are broadcast along the second axis.
+    """
+    cols = tl.program_id(0) * BLOCK_N + tl.arange(0, BLOCK_N)
+    col_ok = cols < N
+    c_label, c_forget, c_inst = _load_rows(C_LABEL, C_FORGET, C_INST, cols, col_ok, ignore_index, SELF)
+    dims = tl.program_id(1) * BLOCK_DO + tl.arange(0, BLOCK_DO)
+    dim_ok = dims < D
+
+    acc = tl.zeros((BLOCK_N, BLOCK_DO), dtype=tl.float32)
+    for m0 in range(0, M, BLOCK_M):
+        rows = m0 + tl.arange(0, BLOCK_M)
+        row_ok = rows < M
+        a_label, a_forget, coef, lse_a2, lse_p2, inv_count = _load_anchor_stats(
+            A_LABEL, A_FORGET, GRAD, LSE_A, LSE_P, COUNT, rows, row_ok, ignore_index)
+        a_inst = tl.load(A_INST + rows, mask=row_ok, other=-1)
+        s2t = _similarity(C, cols, col_ok, stride_c, U, rows, row_ok, stride_u, D,
+                          BLOCK_N, BLOCK_M, BLOCK_K, UPCAST, PRECISION) * qk_scale
+        in_a, in_p = _pair_masks(a_label[None, :], a_forget[None, :], a_inst[None, :], rows[None, :],
+                                 c_label[:, None], c_forget[:, None], c_inst[:, None], cols[:, None],
+                                 ignore_index, SELF)
+        dst = _logit_grad(s2t, in_a, in_p, a_forget[None, :], coef[None, :], lse_a2[None, :],
+                          lse_p2[None, :], inv_count[None, :], PULL_LSE)
+        u = tl.load(U + rows.to(tl.int64)[:, None] * stride_u + dims[None, :],
+                    mask=row_ok[:, None] & dim_ok[None, :], other=0.0)
+        if UPCAST:
+            acc = tl.dot(dst, u.to(tl.float32), acc, input_precision=PRECISION)
+        else:
+            acc = tl.dot(dst.to(u.dtype), u, acc, input_precision=PRECISION)
+    tl.store(DC + cols.to(tl.int64)[:, None] * stride_dc + dims[None, :], acc * grad_scale,
+             mask=col_ok[:, None] & dim_ok[None, :])
+
+
+def _autotuned(kernel, gpu_configs, interpret_configs):
+    return triton.autotune(configs=interpret_configs if INTERPRET else gpu_configs, key=["D"])(kernel)
+
+
+forward_kernel = _autotuned(_forward_kernel, GPU_FORWARD_CONFIGS, INTERPRET_FORWARD_CONFIGS)
+backward_anchor_kernel = _autotuned(_backward_anchor_kernel, GPU_BACKWARD_CONFIGS, INTERPRET_BACKWARD_CONFIGS)
+backward_candidate_kernel = _autotuned(_backward_candidate_kernel, GPU_BACKWARD_CONFIGS,
+                                       INTERPRET_BACKWARD_CONFIGS)
+
+
+def _precision(dtype):
+    """fp32 dots follow torch's matmul setting (TF32 only when the user allowed it)."""
+    if dtype == torch.float32 and torch.get_float32_matmul_precision() == "highest":
+        return "ieee"
+    return "tf32"
+
+
+def _launch_args(u, labels, forget, instance_ids, candidates, candidate_labels, temperature,
+                 pull_lse, ignore_index):
+    """Shared tensors and flags of the three kernels (self case: candidates are u's rows)."""
+    self_case = candidates is None
+    forget = forget.to(torch.int8)
+    c = u if self_case else candidates.contiguous()
+    c_labels = labels if self_case else candidate_labels
+    tensors = (u, c, labels, forget, instance_ids, c_labels, forget, instance_ids)
+    flags = dict(SELF=self_case, PULL_LSE=pull_lse, UPCAST=INTERPRET,
+                 PRECISION="ieee" if INTERPRET else _precision(u.dtype))
+    scalars = (u.shape[0], c.shape[0], u.shape[1], u.stride(0), c.stride(0))
+    return tensors, scalars, flags, LOG2E / temperature, ignore_index
+
+
+def forward(u, labels, forget, instance_ids, candidates, candidate_labels, temperature,
+            pull_lse, ignore_index):
+    """Per-anchor loss, log-sum-exp over A, log-sum-exp over P (forget pull) and |P|.
+
+    u [M, D] and candidates [N, D] (or None for the self case) are contiguous rows in one
+    of fp32/fp16/bf16; labels/ids are integer vectors, forget a bool vector.
+    """
+    u = u.contiguous()
+    tensors, scalars, flags, qk_scale, ignore = _launch_args(
+        u, labels, forget, instance_ids, candidates, candidate_labels, temperature, pull_lse,
+        ignore_index)
+    M = u.shape[0]
+    loss, lse_a, lse_p = (torch.empty(M, device=u.device, dtype=torch.float32) for _ in range(3))
+    count = torch.empty(M, device=u.device, dtype=torch.int32)
+    grid = lambda meta: (triton.cdiv(M, meta["BLOCK_M"]),)  # noqa: E731
+    forward_kernel[grid](*tensors, loss, lse_a, lse_p, count, *scalars, qk_scale, ignore, **flags)
+    return loss, lse_a, lse_p, count
+
+
+def backward(grad_loss, u, labels, forget, instance_ids, candidates, candidate_labels, lse_a,
+             lse_p, count, temperature, pull_lse, ignore_index, need_anchor_grad,
+             need_candidate_grad):
+    """(dL/du, dL/dcandidates) in fp32 given dL/dloss_i; in the self case dL/du holds both
+    sides and the second is None. A gradient that is not needed is None."""
+    u = u.contiguous()
+    grad_loss = grad_loss.contiguous().to(torch.float32)
+    tensors, scalars, flags, qk_scale, ignore = _launch_args(
+        u, labels, forget, instance_ids, candidates, candidate_labels, temperature, pull_lse,
+        ignore_index)
+    M, N, D = scalars[0], scalars[1], scalars[2]
+    stats = (grad_loss, lse_a, lse_p, count)
+    grad_scale = 1.0 / temperature
+    self_case = candidates is None
+    du = dc = None
+    if need_anchor_grad:
+        du = torch.empty(M, D, device=u.device, dtype=torch.float32)
+        grid = lambda meta: (triton.cdiv(M, meta["BLOCK_M"]), triton.cdiv(D, meta["BLOCK_DO"]))  # noqa: E731
+        backward_anchor_kernel[grid](*tensors, *stats, du, *scalars, du.stride(0), qk_scale,
+                                     grad_scale, ignore, **flags)
+    if need_candidate_grad or (self_case and need_anchor_grad):
+        dc = torch.empty(N, D, device=u.device, dtype=torch.float32)
+        grid = lambda meta: (triton.cdiv(N, meta["BLOCK_N"]), triton.cdiv(D, meta["BLOCK_DO"]))  # noqa: E731
+        backward_candidate_kernel[grid](*tensors, *stats, dc, *scalars, dc.stride(0), qk_scale,
+                                        grad_scale, ignore, **flags)
+    if self_case:
+        return (du + dc if du is not None else None), None
+    return du, dc
