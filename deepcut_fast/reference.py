@@ -50,21 +50,23 @@ def contrastive_unlearn_loss_reference(
 
     n_pos = in_p.sum(1)
     counted = n_pos > 0  # anchors without positives contribute nothing
-    # Work on counted rows only: their A(i) and P(i) are non-empty, so no log(0) reaches autograd.
-    s_k, a_k, p_k = s[counted], in_a[counted], in_p[counted]
-    lse_a = torch.logsumexp(s_k.masked_fill(~a_k, float("-inf")), dim=1)
-    mean_pos = (s_k * p_k).sum(1) / n_pos[counted]
-    lse_pos = torch.logsumexp(s_k.masked_fill(~p_k, float("-inf")), dim=1)
-    use_lse = forget_mask[counted] & (forget_pull == "logsumexp")
-    per_anchor = s.new_zeros(z.shape[0])
-    per_anchor[counted] = lse_a - torch.where(use_lse, lse_pos, mean_pos)
+    # Rows that are not counted may have empty sets; give them zeros so that no log(0) (and no
+    # NaN gradient) appears. Only masks are used, no data-dependent shapes: torch.compile works.
+    def masked(keep):
+        return torch.where(counted[:, None], s.masked_fill(~keep, float("-inf")), 0.0)
+
+    lse_a = torch.logsumexp(masked(in_a), dim=1)
+    lse_pos = torch.logsumexp(masked(in_p), dim=1)
+    mean_pos = (s * in_p).sum(1) / n_pos.clamp(min=1)
+    use_lse = forget_mask & (forget_pull == "logsumexp")
+    per_anchor = torch.where(counted, lse_a - torch.where(use_lse, lse_pos, mean_pos), 0.0)
 
     if reduction == "none":
         return per_anchor
     forget_rows = counted & forget_mask
     retain_rows = counted & ~forget_mask
-    forget_total = per_anchor[forget_rows].sum()
-    retain_total = per_anchor[retain_rows].sum()
+    forget_total = torch.where(forget_rows, per_anchor, 0.0).sum()
+    retain_total = torch.where(retain_rows, per_anchor, 0.0).sum()
     if reduction == "mean":  # a group with no counted anchor adds 0
         forget_total = forget_total / forget_rows.sum().clamp(min=1)
         retain_total = retain_total / retain_rows.sum().clamp(min=1)

@@ -24,7 +24,9 @@ import triton.language as tl
 # Read when the kernels are decorated, like Triton itself does.
 INTERPRET = os.environ.get("TRITON_INTERPRET", "0") == "1"
 
-LOG2E = 1.4426950408889634
+# constexpr globals may be read inside jitted code
+LOG2E = tl.constexpr(1.4426950408889634)
+LN2 = tl.constexpr(0.6931471805599453)
 
 # Tile configs a GPU may pick (autotuned per D and dtype). The ahead-of-time compile test
 # builds every one of them for sm_80 and sm_90.
@@ -40,8 +42,8 @@ GPU_BACKWARD_CONFIGS = [
 ]
 # The interpreter runs one config only (autotune over several fails there); small GPU-legal
 # tiles keep it quick and still exercise ragged edges at test sizes.
-INTERPRET_FORWARD_CONFIGS = [triton.Config({"BLOCK_M": 32, "BLOCK_N": 32, "BLOCK_K": 32})]
-INTERPRET_BACKWARD_CONFIGS = [triton.Config({"BLOCK_M": 32, "BLOCK_N": 32, "BLOCK_K": 32, "BLOCK_DO": 32})]
+INTERPRET_FORWARD_CONFIGS = [triton.Config({"BLOCK_M": 32, "BLOCK_N": 32, "BLOCK_K": 64})]
+INTERPRET_BACKWARD_CONFIGS = [triton.Config({"BLOCK_M": 32, "BLOCK_N": 32, "BLOCK_K": 64, "BLOCK_DO": 64})]
 
 
 @triton.jit
@@ -98,16 +100,17 @@ def _online_lse(m, l, s2, keep):
 def _finish_lse(m, l):
     """Natural log-sum-exp from the base-2 running (max, sum); -inf for an empty set."""
     has_any = l > 0
-    return tl.where(has_any, (m + tl.log2(tl.where(has_any, l, 1.0))) * 0.6931471805599453, float("-inf"))
+    return tl.where(has_any, (m + tl.log2(tl.where(has_any, l, 1.0))) * LN2, float("-inf"))
 
 
 @triton.jit
 def _logit_grad(s2, in_a, in_p, a_forget, coef, lse_a2, lse_p2, inv_count, PULL_LSE: tl.constexpr):
     """dL/ds for a tile: coef * (softmax over A - positive weights); all stats pre-broadcast."""
-    p_a = tl.where(in_a, tl.exp2(s2 - lse_a2), 0.0)
+    # mask before exp2 so that entries outside the set cannot overflow
+    p_a = tl.exp2(tl.where(in_a, s2 - lse_a2, float("-inf")))
     q = tl.where(in_p, inv_count, 0.0)  # mean over positives
     if PULL_LSE:  # forget anchors pull with a softmax over their positives instead
-        q = tl.where(a_forget, tl.where(in_p, tl.exp2(s2 - lse_p2), 0.0), q)
+        q = tl.where(a_forget, tl.exp2(tl.where(in_p, s2 - lse_p2, float("-inf"))), q)
     return coef * (p_a - q)
 
 
@@ -132,8 +135,8 @@ def _load_anchor_stats(A_LABEL, A_FORGET, GRAD, LSE_A, LSE_P, COUNT, rows, ok, i
     count = tl.load(COUNT + rows, mask=ok, other=0)
     # anchors without positives have a constant loss of 0: no gradient
     coef = tl.where(count > 0, tl.load(GRAD + rows, mask=ok, other=0.0), 0.0)
-    lse_a2 = tl.load(LSE_A + rows, mask=ok, other=0.0) * 1.4426950408889634
-    lse_p2 = tl.load(LSE_P + rows, mask=ok, other=0.0) * 1.4426950408889634
+    lse_a2 = tl.load(LSE_A + rows, mask=ok, other=0.0) * LOG2E
+    lse_p2 = tl.load(LSE_P + rows, mask=ok, other=0.0) * LOG2E
     inv_count = 1.0 / tl.maximum(count, 1).to(tl.float32)
     return label, forget, coef, lse_a2, lse_p2, inv_count
 
@@ -174,7 +177,7 @@ def _forward_kernel(U, C, A_LABEL, A_FORGET, A_INST, C_LABEL, C_FORGET, C_INST,
 
     counted = pos_count > 0
     lse_a = _finish_lse(m_a, l_a)
-    pull = pos_sum * 0.6931471805599453 / tl.maximum(pos_count, 1).to(tl.float32)
+    pull = pos_sum * LN2 / tl.maximum(pos_count, 1).to(tl.float32)
     lse_p = tl.zeros([BLOCK_M], tl.float32)
     if PULL_LSE:
         lse_p = tl.where(a_forget & counted, _finish_lse(m_p, l_p), 0.0)
@@ -279,10 +282,11 @@ backward_candidate_kernel = _autotuned(_backward_candidate_kernel, GPU_BACKWARD_
 
 
 def _precision(dtype):
-    """fp32 dots follow torch's matmul setting (TF32 only when the user allowed it)."""
-    if dtype == torch.float32 and torch.get_float32_matmul_precision() == "highest":
-        return "ieee"
-    return "tf32"
+    """fp32 dots follow torch's matmul setting (TF32 only when the user allowed it); the
+    setting does not affect fp16/bf16 dots, which always use tensor cores."""
+    if dtype == torch.float32 and torch.get_float32_matmul_precision() != "highest":
+        return "tf32"
+    return "ieee"
 
 
 def _launch_args(u, labels, forget, instance_ids, candidates, candidate_labels, temperature,
@@ -296,7 +300,7 @@ def _launch_args(u, labels, forget, instance_ids, candidates, candidate_labels, 
     flags = dict(SELF=self_case, PULL_LSE=pull_lse, UPCAST=INTERPRET,
                  PRECISION="ieee" if INTERPRET else _precision(u.dtype))
     scalars = (u.shape[0], c.shape[0], u.shape[1], u.stride(0), c.stride(0))
-    return tensors, scalars, flags, LOG2E / temperature, ignore_index
+    return tensors, scalars, flags, LOG2E.value / temperature, ignore_index
 
 
 def forward(u, labels, forget, instance_ids, candidates, candidate_labels, temperature,
