@@ -20,5 +20,6 @@ setup(
         "transformers>=4.40",
         "ninja",
     ],
+    entry_points={"console_scripts": ["deepcut-fast = deepcut_fast.cli:main"]},
     extras_require={"test": ["pytest>=7", "pytest-benchmark>=4", "hypothesis>=6"]},
 )

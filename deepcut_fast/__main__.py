@@ -1,0 +1,3 @@
+from deepcut_fast.cli import main
+
+raise SystemExit(main())

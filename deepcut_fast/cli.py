@@ -1,0 +1,81 @@
+"""Command line: ``deepcut-fast check`` runs the loss on every backend available here and
+compares it with the reference in float64 (loss, gradient error, time)."""
+import argparse
+import time
+
+import torch
+
+from deepcut_fast import contrastive_unlearn_loss, ops
+
+DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
+
+
+def _example_batch(rows, dim, classes, views, forget_fraction, device, dtype, seed):
+    """Views of a sample are noisy copies of one embedding, like dropout passes of one text."""
+    g = torch.Generator().manual_seed(seed)
+    samples = rows // views
+    centers = torch.randn(classes, dim, generator=g)
+    labels = torch.randint(0, classes, (samples,), generator=g)
+    base = centers[labels] + torch.randn(samples, dim, generator=g)
+    z = base.repeat_interleave(views, 0) + 0.2 * torch.randn(samples * views, dim, generator=g)
+    forget = (torch.rand(samples, generator=g) < forget_fraction).repeat_interleave(views)
+    return (z.to(device, dtype), labels.repeat_interleave(views).to(device), forget.to(device),
+            torch.arange(samples).repeat_interleave(views).to(device))
+
+
+def _run(backend, z, labels, forget, instance_ids, temperature):
+    z = z.detach().clone().requires_grad_()
+    if z.is_cuda:
+        torch.cuda.synchronize()
+    start = time.perf_counter()
+    loss = contrastive_unlearn_loss(z, labels, forget, instance_ids=instance_ids,
+                                    temperature=temperature, backend=backend)
+    loss.backward()
+    if z.is_cuda:
+        torch.cuda.synchronize()
+    return loss.detach(), z.grad, time.perf_counter() - start
+
+
+def check(args):
+    device = torch.device(args.device)
+    dtype = DTYPES[args.dtype]
+    batch = _example_batch(args.rows, args.dim, args.classes, args.views, args.forget_fraction,
+                           device, dtype, args.seed)
+    wide = (batch[0].double(),) + batch[1:]
+    ref_loss, ref_grad, _ = _run("reference", *wide, args.temperature)
+    print(f"rows={batch[0].shape[0]} dim={args.dim} dtype={args.dtype} device={device} "
+          f"temperature={args.temperature}; reference in float64: loss {ref_loss.item():.6f}")
+    print(f"{'backend':<10} {'loss':>12} {'max|dgrad|/max|grad|':>22} {'fwd+bwd s':>10}")
+    failures = 0
+    for backend in [b for b in ops.BACKENDS if b != "auto"]:
+        reason = ops.backend_unavailable_reason(backend, device, dtype)
+        if reason is not None:
+            print(f"{backend:<10} unavailable: {reason}")
+            continue
+        loss, grad, seconds = _run(backend, *batch, args.temperature)
+        err = ((grad.double() - ref_grad).abs().max() / ref_grad.abs().max()).item()
+        failures += not torch.isfinite(loss).item()
+        print(f"{backend:<10} {loss.item():>12.6f} {err:>22.2e} {seconds:>10.3f}")
+    return 1 if failures else 0
+
+
+def main(argv=None):
+    parser = argparse.ArgumentParser(prog="deepcut-fast", description=__doc__)
+    sub = parser.add_subparsers(dest="command", required=True)
+    p = sub.add_parser("check", help="run every available backend against the reference")
+    p.add_argument("--rows", type=int, default=512, help="anchor rows (samples x views)")
+    p.add_argument("--dim", type=int, default=384, help="embedding size (MiniLM: 384)")
+    p.add_argument("--classes", type=int, default=5)
+    p.add_argument("--views", type=int, default=2)
+    p.add_argument("--forget-fraction", type=float, default=0.1)
+    p.add_argument("--temperature", type=float, default=0.5)
+    p.add_argument("--dtype", choices=DTYPES, default="float32")
+    p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    p.add_argument("--seed", type=int, default=0)
+    p.set_defaults(func=check)
+    args = parser.parse_args(argv)
+    return args.func(args)
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
