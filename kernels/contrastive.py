@@ -110,7 +110,7 @@ def _logit_grad(s2, in_a, in_p, a_forget, coef, lse_a2, lse_p2, inv_count, PULL_
     p_a = tl.exp2(tl.where(in_a, s2 - lse_a2, float("-inf")))
     q = tl.where(in_p, inv_count, 0.0)  # mean over positives
     if PULL_LSE:  # forget anchors pull with a softmax over their positives instead
-        q = tl.where(a_forget, tl.exp2(tl.where(in_p, s2 - lse_p2, float("-inf"))), q)
+        q = tl.where(a_forget, tl.exp2(tl.where(in_p & a_forget, s2 - lse_p2, float("-inf"))), q)
     return coef * (p_a - q)
 
 
@@ -142,6 +142,31 @@ def _load_anchor_stats(A_LABEL, A_FORGET, GRAD, LSE_A, LSE_P, COUNT, rows, ok, i
 
 
 @triton.jit
+def _candidate_tile(U, C, C_LABEL, C_FORGET, C_INST, rows, row_ok, a_label, a_forget, a_inst, n0, N, D,
+                    stride_u, stride_c, qk_scale, ignore_index, SELF: tl.constexpr,
+                    UPCAST: tl.constexpr, PRECISION: tl.constexpr, BLOCK_M: tl.constexpr,
+                    BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr):
+    """Base-2 logits and masks of a block of anchors against the candidate tile at n0."""
+    cols = n0 + tl.arange(0, BLOCK_N)
+    col_ok = cols < N
+    c_label, c_forget, c_inst = _load_rows(C_LABEL, C_FORGET, C_INST, cols, col_ok, ignore_index, SELF)
+    s2 = _similarity(U, rows, row_ok, stride_u, C, cols, col_ok, stride_c, D,
+                     BLOCK_M, BLOCK_N, BLOCK_K, UPCAST, PRECISION) * qk_scale
+    in_a, in_p = _pair_masks(a_label[:, None], a_forget[:, None], a_inst[:, None], rows[:, None],
+                             c_label[None, :], c_forget[None, :], c_inst[None, :], cols[None, :],
+                             ignore_index, SELF)
+    return cols, col_ok, s2, in_a, in_p
+
+
+@triton.jit
+def _accumulate_grad(acc, ds, x, UPCAST: tl.constexpr, PRECISION: tl.constexpr):
+    """acc += ds @ x; on a GPU in x's dtype (tensor cores, like FlashAttention's P @ V)."""
+    if UPCAST:
+        return tl.dot(ds, x.to(tl.float32), acc, input_precision=PRECISION)
+    return tl.dot(ds.to(x.dtype), x, acc, input_precision=PRECISION)
+
+
+@triton.jit
 def _forward_kernel(U, C, A_LABEL, A_FORGET, A_INST, C_LABEL, C_FORGET, C_INST,
                     LOSS, LSE_A, LSE_P, COUNT,
                     M, N, D, stride_u, stride_c, qk_scale, ignore_index,
@@ -161,14 +186,9 @@ def _forward_kernel(U, C, A_LABEL, A_FORGET, A_INST, C_LABEL, C_FORGET, C_INST,
     pos_sum = tl.zeros([BLOCK_M], tl.float32)
     pos_count = tl.zeros([BLOCK_M], tl.int32)
     for n0 in range(0, N, BLOCK_N):
-        cols = n0 + tl.arange(0, BLOCK_N)
-        col_ok = cols < N
-        c_label, c_forget, c_inst = _load_rows(C_LABEL, C_FORGET, C_INST, cols, col_ok, ignore_index, SELF)
-        s2 = _similarity(U, rows, row_ok, stride_u, C, cols, col_ok, stride_c, D,
-                         BLOCK_M, BLOCK_N, BLOCK_K, UPCAST, PRECISION) * qk_scale
-        in_a, in_p = _pair_masks(a_label[:, None], a_forget[:, None], a_inst[:, None], rows[:, None],
-                                 c_label[None, :], c_forget[None, :], c_inst[None, :], cols[None, :],
-                                 ignore_index, SELF)
+        cols, col_ok, s2, in_a, in_p = _candidate_tile(
+            U, C, C_LABEL, C_FORGET, C_INST, rows, row_ok, a_label, a_forget, a_inst, n0, N, D,
+            stride_u, stride_c, qk_scale, ignore_index, SELF, UPCAST, PRECISION, BLOCK_M, BLOCK_N, BLOCK_K)
         m_a, l_a = _online_lse(m_a, l_a, s2, in_a)
         if PULL_LSE:
             m_p, l_p = _online_lse(m_p, l_p, s2, in_p & a_forget[:, None])
@@ -207,22 +227,14 @@ def _backward_anchor_kernel(U, C, A_LABEL, A_FORGET, A_INST, C_LABEL, C_FORGET, 
 
     acc = tl.zeros((BLOCK_M, BLOCK_DO), dtype=tl.float32)
     for n0 in range(0, N, BLOCK_N):
-        cols = n0 + tl.arange(0, BLOCK_N)
-        col_ok = cols < N
-        c_label, c_forget, c_inst = _load_rows(C_LABEL, C_FORGET, C_INST, cols, col_ok, ignore_index, SELF)
-        s2 = _similarity(U, rows, row_ok, stride_u, C, cols, col_ok, stride_c, D,
-                         BLOCK_M, BLOCK_N, BLOCK_K, UPCAST, PRECISION) * qk_scale
-        in_a, in_p = _pair_masks(a_label[:, None], a_forget[:, None], a_inst[:, None], rows[:, None],
-                                 c_label[None, :], c_forget[None, :], c_inst[None, :], cols[None, :],
-                                 ignore_index, SELF)
+        cols, col_ok, s2, in_a, in_p = _candidate_tile(
+            U, C, C_LABEL, C_FORGET, C_INST, rows, row_ok, a_label, a_forget, a_inst, n0, N, D,
+            stride_u, stride_c, qk_scale, ignore_index, SELF, UPCAST, PRECISION, BLOCK_M, BLOCK_N, BLOCK_K)
         ds = _logit_grad(s2, in_a, in_p, a_forget[:, None], coef[:, None], lse_a2[:, None],
                          lse_p2[:, None], inv_count[:, None], PULL_LSE)
         c = tl.load(C + cols.to(tl.int64)[:, None] * stride_c + dims[None, :],
                     mask=col_ok[:, None] & dim_ok[None, :], other=0.0)
-        if UPCAST:
-            acc = tl.dot(ds, c.to(tl.float32), acc, input_precision=PRECISION)
-        else:  # tensor cores in the input dtype, like FlashAttention's P @ V
-            acc = tl.dot(ds.to(c.dtype), c, acc, input_precision=PRECISION)
+        acc = _accumulate_grad(acc, ds, c, UPCAST, PRECISION)
     tl.store(DU + rows.to(tl.int64)[:, None] * stride_du + dims[None, :], acc * grad_scale,
              mask=row_ok[:, None] & dim_ok[None, :])
 
@@ -263,10 +275,7 @@ def _backward_candidate_kernel(U, C, A_LABEL, A_FORGET, A_INST, C_LABEL, C_FORGE
                           lse_p2[None, :], inv_count[None, :], PULL_LSE)
         u = tl.load(U + rows.to(tl.int64)[:, None] * stride_u + dims[None, :],
                     mask=row_ok[:, None] & dim_ok[None, :], other=0.0)
-        if UPCAST:
-            acc = tl.dot(dst, u.to(tl.float32), acc, input_precision=PRECISION)
-        else:
-            acc = tl.dot(dst.to(u.dtype), u, acc, input_precision=PRECISION)
+        acc = _accumulate_grad(acc, dst, u, UPCAST, PRECISION)
     tl.store(DC + cols.to(tl.int64)[:, None] * stride_dc + dims[None, :], acc * grad_scale,
              mask=col_ok[:, None] & dim_ok[None, :])
 
