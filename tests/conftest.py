@@ -18,9 +18,15 @@ DEVICE = torch.device("cuda" if torch.cuda.is_available() else "cpu")
 FUSED_BACKENDS = [b for b in ops.BACKENDS if b not in ("auto", "reference")]
 
 
+def backend_device(backend):
+    """The device a backend's tests run on: the CPU kernel on CPU tensors, the others on DEVICE."""
+    return torch.device("cpu") if backend == "cpu" else DEVICE
+
+
 def available_fused_backends():
     """Every fused backend that runs here; one parity suite covers them all."""
-    return [pytest.param(b, marks=pytest.mark.skipif(
-        ops.backend_unavailable_reason(b, DEVICE, torch.float32) is not None,
-        reason=str(ops.backend_unavailable_reason(b, DEVICE, torch.float32))))
-        for b in FUSED_BACKENDS]
+    params = []
+    for b in FUSED_BACKENDS:
+        reason = ops.backend_unavailable_reason(b, backend_device(b), torch.float32)
+        params.append(pytest.param(b, marks=pytest.mark.skipif(reason is not None, reason=str(reason))))
+    return params

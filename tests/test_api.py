@@ -3,7 +3,7 @@ import pytest
 import torch
 
 from batches import make_batch
-from conftest import DEVICE
+from conftest import backend_device
 from deepcut_fast import ContrastiveUnlearnLoss, contrastive_unlearn_loss, ops
 from deepcut_fast import contrastive_unlearn_loss_reference as reference
 from deepcut_fast.reference import pair_masks
@@ -71,14 +71,29 @@ def test_unavailable_backend_says_why():
         call(make_batch(4, 3, dtype=torch.float64), backend="triton")
 
 
-def test_auto_uses_reference_on_cpu_and_triton_on_cuda():
-    assert ops.resolve_backend("auto", torch.device("cpu"), torch.float32) == "reference"
+def test_auto_picks_the_compiled_kernel_on_cpu_and_triton_on_cuda():
+    assert ops.resolve_backend("auto", torch.device("cpu"), torch.float32) == "cpu"
     assert ops.resolve_backend("auto", torch.device("cpu"), torch.float64) == "reference"
     if torch.cuda.is_available():
         assert ops.resolve_backend("auto", torch.device("cuda"), torch.bfloat16) == "triton"
 
 
-@pytest.mark.parametrize("backend", ["reference", "triton"])
+def test_missing_extension_names_the_install_command(monkeypatch):
+    from deepcut_fast import compiled
+
+    monkeypatch.setattr(compiled, "_C", None)
+    monkeypatch.setattr(compiled, "_IMPORT_ERROR", "deepcut_fast._C is missing; " + compiled.INSTALL_HINT)
+    with pytest.raises(RuntimeError, match="pip install --no-build-isolation -e ."):
+        call(make_batch(4, 3), backend="cpu")
+    assert ops.resolve_backend("auto", torch.device("cpu"), torch.float32) == "reference"
+
+
+def test_cuda_kernel_refuses_cpu_tensors():
+    with pytest.raises(RuntimeError, match="the cuda kernel runs on cuda tensors, got device cpu"):
+        call(make_batch(4, 3), backend="cuda")
+
+
+@pytest.mark.parametrize("backend", ["reference", "triton", "cpu"])
 @pytest.mark.parametrize("forget_frac, ignore_frac, classes", [
     (0.0, 0.0, 3),   # no forget rows
     (1.0, 0.0, 3),   # no retain rows: forget anchors have no positives
@@ -87,7 +102,7 @@ def test_auto_uses_reference_on_cpu_and_triton_on_cuda():
 ])
 def test_degenerate_batches_are_valid(backend, forget_frac, ignore_frac, classes):
     b = make_batch(6, 5, views=2, classes=classes, forget_frac=forget_frac, ignore_frac=ignore_frac,
-                   device=DEVICE)
+                   device=backend_device(backend))
     z = b.pop("z").requires_grad_()
     loss = contrastive_unlearn_loss(z, **b, backend=backend)
     loss.backward()

@@ -4,7 +4,7 @@ import torch
 from torch import nn
 
 from batches import make_batch
-from conftest import DEVICE
+from conftest import backend_device
 from deepcut_fast import ContrastiveUnlearnLoss
 
 
@@ -24,10 +24,11 @@ class TinyUnlearner(nn.Module):
         return ce + 0.5 * self.contrast(z, labels, forget_mask, instance_ids)
 
 
-@pytest.mark.parametrize("backend", ["triton", "reference"])
+@pytest.mark.parametrize("backend", ["triton", "cpu", "reference"])
 def test_compiled_training_step_matches_eager(backend):
-    b = make_batch(12, 20, classes=3, views=2, forget_frac=0.3, device=DEVICE)
-    model = TinyUnlearner(20, 3, backend).to(DEVICE).eval()  # eval: same dropout mask in both runs
+    device = backend_device(backend)
+    b = make_batch(12, 20, classes=3, views=2, forget_frac=0.3, device=device)
+    model = TinyUnlearner(20, 3, backend).to(device).eval()  # eval: same dropout mask in both runs
     args = (b["z"], b["labels"], b["forget_mask"], b["instance_ids"])
 
     eager = model(*args)
@@ -42,13 +43,14 @@ def test_compiled_training_step_matches_eager(backend):
         torch.testing.assert_close(got, want, rtol=1e-4, atol=1e-6)
 
 
-def test_fused_op_passes_torch_library_checks():
+@pytest.mark.parametrize("backend", ["triton", "cpu"])
+def test_fused_op_passes_torch_library_checks(backend):
     """torch.library.opcheck: schema, fake (meta) implementation and autograd registration."""
     from deepcut_fast import ops
 
-    b = make_batch(9, 12, views=1, n_candidates=10, device=DEVICE)
+    b = make_batch(9, 12, views=1, n_candidates=10, device=backend_device(backend))
     u = torch.nn.functional.normalize(b["z"]).requires_grad_()
     cand = torch.nn.functional.normalize(b["candidates"]).requires_grad_()
     for candidates, labels in ((None, None), (cand, b["candidate_labels"])):
-        args = (u, b["labels"], b["forget_mask"], b["instance_ids"], candidates, labels, 0.2, True, -100, "triton")
+        args = (u, b["labels"], b["forget_mask"], b["instance_ids"], candidates, labels, 0.2, True, -100, backend)
         torch.library.opcheck(ops.contrast_forward, args)

@@ -10,7 +10,7 @@ import torch
 from hypothesis import HealthCheck, given, settings, strategies as st
 
 from batches import assert_matches, loss_and_grads, make_batch, reference_float64
-from conftest import DEVICE, available_fused_backends
+from conftest import available_fused_backends, backend_device
 from deepcut_fast import contrastive_unlearn_loss
 
 pytestmark = pytest.mark.parametrize("backend", available_fused_backends())
@@ -42,7 +42,7 @@ LOW_PRECISION_CASES = ["ragged_candidates", "ragged_self", "two_views", "ignored
 
 def check(backend, batch_args, options, dtype=torch.float32, upstream=None):
     options = dict(dict(temperature=0.1), **options)
-    batch = make_batch(**batch_args, device=DEVICE, dtype=dtype)
+    batch = make_batch(**batch_args, device=backend_device(backend), dtype=dtype)
     got = loss_and_grads(contrastive_unlearn_loss, batch, upstream, backend=backend, **options)
     want = reference_float64(batch, upstream, **options)
     assert_matches(got, want, dtype, options["temperature"], f"{backend} {dtype}")
@@ -75,7 +75,7 @@ def test_reductions_with_uneven_upstream_gradient(backend, reduction, candidates
 
 
 def test_detached_candidates(backend):
-    batch = make_batch(20, 32, n_candidates=50, device=DEVICE)
+    batch = make_batch(20, 32, n_candidates=50, device=backend_device(backend))
     z = batch.pop("z").requires_grad_()
     loss = contrastive_unlearn_loss(z, **batch, backend=backend)
     (dz,) = torch.autograd.grad(loss, z)
