@@ -146,6 +146,17 @@ inline float logit_grad(float s, uint8_t flags, const AnchorGrad& a) {
   return a.coef * (std::exp(s - a.lse_a) - positive);
 }
 
+// Overwrite a tile of similarities (anchors [i0, i0 + bm) x candidates [j0, j0 + bn)) with
+// dL/ds; a transposed tile is stored [candidates, anchors].
+void logit_grad_tile(const Problem& p, const std::vector<AnchorGrad>& stats, float* s, int64_t i0,
+                     int64_t bm, int64_t j0, int64_t bn, bool transposed) {
+  for (int64_t r = 0; r < bm; ++r)
+    for (int64_t k = 0; k < bn; ++k) {
+      float& v = transposed ? s[k * bm + r] : s[r * bn + k];
+      v = logit_grad(v, pair_flags(p, i0 + r, j0 + k), stats[i0 + r]);
+    }
+}
+
 }  // namespace
 
 std::vector<at::Tensor> contrastive_forward_cpu(
@@ -244,9 +255,7 @@ std::vector<c10::optional<at::Tensor>> contrastive_backward_cpu(
         for (int64_t j0 = 0; j0 < p.N; j0 += kCandidateBlock) {
           const int64_t bn = std::min(kCandidateBlock, p.N - j0);
           float* s = similarity_tile(p.u, i0, bm, p.c, j0, bn, p.inv_tau, buf);
-          for (int64_t r = 0; r < bm; ++r)
-            for (int64_t k = 0; k < bn; ++k)
-              s[r * bn + k] = logit_grad(s[r * bn + k], pair_flags(p, i0 + r, j0 + k), stats[i0 + r]);
+          logit_grad_tile(p, stats, s, i0, bm, j0, bn, /*transposed=*/false);
           const at::Tensor ds = at::from_blob(s, {bm, bn}, at::kFloat);
           // du_i = (1/tau) sum_j dL/ds_ij c_j ;  dc_j = (1/tau) sum_i dL/ds_ij u_i
           if (need_du) du->narrow(0, i0, bm).addmm_(ds, p.c.narrow(0, j0, bn), 1.0, p.inv_tau);
@@ -271,9 +280,7 @@ std::vector<c10::optional<at::Tensor>> contrastive_backward_cpu(
         for (int64_t i0 = 0; i0 < p.M; i0 += kAnchorBlock) {
           const int64_t bm = std::min(kAnchorBlock, p.M - i0);
           float* st = similarity_tile(p.c, j0, bn, p.u, i0, bm, p.inv_tau, buf);
-          for (int64_t k = 0; k < bn; ++k)
-            for (int64_t r = 0; r < bm; ++r)
-              st[k * bm + r] = logit_grad(st[k * bm + r], pair_flags(p, i0 + r, j0 + k), stats[i0 + r]);
+          logit_grad_tile(p, stats, st, i0, bm, j0, bn, /*transposed=*/true);
           dc_rows.addmm_(at::from_blob(st, {bn, bm}, at::kFloat), p.u.narrow(0, i0, bm), 1.0, p.inv_tau);
         }
       }
