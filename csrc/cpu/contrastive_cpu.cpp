@@ -16,6 +16,8 @@
 // recomputes the tiles instead, again writing only rows it owns. No races either way.
 #include "contrastive_cpu.h"
 
+#include "../pair_rules.h"
+
 #include <ATen/Parallel.h>
 
 #include <algorithm>
@@ -29,8 +31,6 @@ namespace {
 constexpr int64_t kAnchorBlock = 256;
 constexpr int64_t kCandidateBlock = 512;
 constexpr float kNegInf = -std::numeric_limits<float>::infinity();
-constexpr uint8_t kInA = 1;  // bit flags of a pair: in the contrast set A(i) / in the positives P(i)
-constexpr uint8_t kInP = 2;
 
 // Labels, forget flags and instance ids of the anchors and of the candidates.
 struct Rows {
@@ -73,19 +73,12 @@ Problem make_problem(const at::Tensor& u, const at::Tensor& labels, const at::Te
   return p;
 }
 
-// kInA / kInP bits of the pair (anchor i, candidate j); see SPEC.md for the sets.
+// kInA / kInP bits of the pair (anchor i, candidate j); see pair_rules.h.
 inline uint8_t pair_flags(const Problem& p, int64_t i, int64_t j) {
-  const int64_t ya = p.anchors.label[i], yc = p.cands.label[j];
-  if (ya == p.ignore || yc == p.ignore) return 0;
-  const bool forget = p.anchors.forget[i] != 0;
-  const bool same_class = ya == yc;
-  if (!p.self_case) return kInA | ((same_class != forget) ? kInP : 0);
-  // no self pair; a forget anchor also skips the other views of its own instance
-  if (i == j || (forget && p.anchors.inst[i] == p.cands.inst[j])) return 0;
-  const bool cand_retain = p.cands.forget[j] == 0;
-  // retain anchors see retain rows only; forget anchors also same-class forget rows
-  if (!(cand_retain || (forget && same_class))) return 0;
-  return kInA | ((cand_retain && same_class != forget) ? kInP : 0);
+  const bool c_forget = p.self_case && p.cands.forget[j] != 0;
+  const int64_t c_inst = p.self_case ? p.cands.inst[j] : 0;
+  return deepcut::pair_flags(p.self_case, p.ignore, p.anchors.label[i], p.anchors.forget[i] != 0,
+                             p.anchors.inst[i], i, p.cands.label[j], c_forget, c_inst, j);
 }
 
 // Similarities of rows [r0, r0 + nr) of x with rows [k0, k0 + nk) of y, divided by tau,
@@ -114,15 +107,6 @@ inline void online_lse(float& m, float& l, const float* v, const uint8_t* flags,
   m = m_new;
 }
 
-inline float finish_lse(float m, float l) { return l > 0.f ? m + std::log(l) : kNegInf; }
-
-// What the backward needs per anchor.
-struct AnchorGrad {
-  float coef;  // upstream gradient, 0 for anchors without positives
-  float lse_a, lse_p, inv_count;
-  bool lse_pull;  // forget anchor with forget_pull = "logsumexp"
-};
-
 std::vector<AnchorGrad> anchor_grads(const Problem& p, const at::Tensor& grad_loss,
                                      const at::Tensor& lse_a, const at::Tensor& lse_p,
                                      const at::Tensor& count) {
@@ -136,14 +120,6 @@ std::vector<AnchorGrad> anchor_grads(const Problem& p, const at::Tensor& grad_lo
     out[i] = {cp[i] > 0 ? gp[i] : 0.f, lap[i], lpp[i], 1.f / std::max(cp[i], 1),
               p.pull_lse && p.anchors.forget[i] != 0};
   return out;
-}
-
-// dL/ds of one pair: coef * (softmax over A - weight as a positive).
-inline float logit_grad(float s, uint8_t flags, const AnchorGrad& a) {
-  if (!(flags & kInA) || a.coef == 0.f) return 0.f;  // P(i) is a subset of A(i)
-  float positive = 0.f;
-  if (flags & kInP) positive = a.lse_pull ? std::exp(s - a.lse_p) : a.inv_count;
-  return a.coef * (std::exp(s - a.lse_a) - positive);
 }
 
 // Overwrite a tile of similarities (anchors [i0, i0 + bm) x candidates [j0, j0 + bn)) with
@@ -238,7 +214,10 @@ std::vector<c10::optional<at::Tensor>> contrastive_backward_cpu(
       need_dc && static_cast<double>(threads - 1) * p.N * p.D * sizeof(float) <= per_thread_budget_bytes;
   c10::optional<at::Tensor> du, dc;
   if (need_du) du = at::zeros({p.M, p.D}, at::kFloat);
+  if (need_dc) dc = at::zeros({p.N, p.D}, at::kFloat);
+  // thread 0 accumulates straight into dc; the others get a buffer when they first need one
   std::vector<at::Tensor> dc_parts(per_thread_dc ? threads : 0);
+  if (per_thread_dc) dc_parts[0] = *dc;
 
   if (need_du || per_thread_dc) {  // parallel over anchor blocks
     const int64_t blocks = (p.M + kAnchorBlock - 1) / kAnchorBlock;
@@ -266,11 +245,9 @@ std::vector<c10::optional<at::Tensor>> contrastive_backward_cpu(
   }
 
   if (per_thread_dc) {
-    dc = at::zeros({p.N, p.D}, at::kFloat);
-    for (const at::Tensor& part : dc_parts)
-      if (part.defined()) dc->add_(part);
+    for (size_t t = 1; t < dc_parts.size(); ++t)
+      if (dc_parts[t].defined()) dc->add_(dc_parts[t]);
   } else if (need_dc) {  // parallel over candidate blocks; tiles are [candidates, anchors]
-    dc = at::zeros({p.N, p.D}, at::kFloat);
     const int64_t blocks = (p.N + kCandidateBlock - 1) / kCandidateBlock;
     at::parallel_for(0, blocks, 1, [&](int64_t b0, int64_t b1) {
       std::vector<float> buf(kAnchorBlock * kCandidateBlock);
