@@ -45,5 +45,8 @@ setup(
         "ninja",
     ],
     entry_points={"console_scripts": ["deepcut-fast = deepcut_fast.cli:main"]},
-    extras_require={"test": ["pytest>=7", "pytest-benchmark>=4", "hypothesis>=6"]},
+    extras_require={
+        "test": ["pytest>=7", "pytest-benchmark>=4", "hypothesis>=6"],
+        "bench": ["matplotlib>=3.7", "pytorch-metric-learning>=2.0", "inf-cl>=1.2"],
+    },
 )
