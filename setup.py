@@ -43,6 +43,7 @@ setup(
         "numpy>=1.24",
         "transformers>=4.40",
         "scikit-learn>=1.3",
+        "tqdm>=4.60",
         "ninja",
     ],
     entry_points={"console_scripts": ["deepcut-fast = deepcut_fast.cli:main"]},

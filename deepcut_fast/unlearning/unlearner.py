@@ -1,0 +1,170 @@
+"""DeepCUT unlearning of a transformers classifier (SPEC.md section 1).
+
+One step takes a batch of forget and retain samples, runs the encoder ``views`` times with
+dropout on, and minimises  CE(retain logits) + gamma * L_contrast  where L_contrast is this
+package's fused loss on the chosen embeddings (the views of one sample share an instance id).
+Token classification uses token embeddings as anchors, with -100 labels ignored.
+"""
+import math
+import time
+from dataclasses import dataclass, field
+from typing import Optional
+
+import torch
+import torch.nn.functional as F
+
+from deepcut_fast.loss import FORGET_PULLS, contrastive_unlearn_loss
+from deepcut_fast.unlearning.data import TextDataset
+from deepcut_fast.unlearning.model import EMBEDDINGS, embed
+
+
+@dataclass
+class UnlearnConfig:
+    """Options of a DeepCUT run. ``steps`` wins over ``epochs`` (passes over the forget set)."""
+    gamma: float = 1.0
+    temperature: float = 0.5
+    views: int = 2
+    forget_pull: str = "logsumexp"
+    forget_weight: float = 1.0
+    retain_weight: float = 1.0
+    embedding: str = "cls"
+    layer: int = -1
+    learning_rate: float = 5e-5
+    steps: Optional[int] = 10
+    epochs: Optional[float] = None
+    forget_batch_size: int = 16
+    retain_batch_size: int = 32
+    max_length: int = 96
+    # stopping rule: stop once accuracy on the forget set (its training labels) is at most this,
+    # checked every `check_every` steps (e.g. 0.05 for class unlearning); None: run all steps
+    stop_forget_accuracy: Optional[float] = None
+    check_every: int = 5
+    seed: int = 0
+    backend: str = "auto"
+
+    def __post_init__(self):
+        if self.views < 1:
+            raise ValueError(f"views must be >= 1, got {self.views}")
+        if self.embedding not in EMBEDDINGS:
+            raise ValueError(f"embedding must be one of {EMBEDDINGS}, got {self.embedding!r}")
+        if self.forget_pull not in FORGET_PULLS:
+            raise ValueError(f"forget_pull must be one of {FORGET_PULLS}, got {self.forget_pull!r}")
+        if self.steps is None and self.epochs is None:
+            raise ValueError("give steps or epochs")
+        for name in ("forget_batch_size", "retain_batch_size", "max_length", "check_every"):
+            if getattr(self, name) < 1:
+                raise ValueError(f"{name} must be >= 1, got {getattr(self, name)}")
+
+    def total_steps(self, forget_size):
+        if self.steps is not None:
+            return self.steps
+        return max(1, math.ceil(self.epochs * forget_size / self.forget_batch_size))
+
+
+def deepcut_loss(model, inputs, labels, forget_mask, config: UnlearnConfig):
+    """CE on retain rows + gamma * contrastive loss over ``config.views`` dropout passes.
+
+    inputs: tokenised batch (input_ids, attention_mask, ...); labels: [B] class ids, or [B, T]
+    token labels with -100 on padding and special tokens; forget_mask: [B] bool.
+    Returns (loss, {"ce": ..., "contrast": ...}).
+    """
+    token_level = labels.dim() == 2
+    if token_level != (config.embedding == "token"):
+        raise ValueError("token labels [B, T] go with embedding='token', sequence labels [B] with the others")
+    outputs = [model(**inputs, output_hidden_states=True) for _ in range(config.views)]
+    retain = ~forget_mask
+    ce = torch.zeros((), device=labels.device)
+    if retain.any():
+        ce = sum(F.cross_entropy(o.logits[retain].flatten(0, -2), labels[retain].flatten(), ignore_index=-100)
+                 for o in outputs) / len(outputs)
+    z = torch.cat([embed(model, o, inputs["attention_mask"], config.embedding, config.layer).flatten(0, -2)
+                   for o in outputs])
+    row_forget = forget_mask[:, None].expand_as(labels) if token_level else forget_mask
+    instance = torch.arange(labels.numel(), device=labels.device)  # one id per sample (or token) ...
+    contrast = contrastive_unlearn_loss(
+        z, labels.flatten().repeat(config.views), row_forget.flatten().repeat(config.views),
+        instance_ids=instance.repeat(config.views),  # ... shared by its views
+        temperature=config.temperature, forget_weight=config.forget_weight, retain_weight=config.retain_weight,
+        forget_pull=config.forget_pull, backend=config.backend)
+    return ce + config.gamma * contrast, {"ce": ce.detach(), "contrast": contrast.detach()}
+
+
+@dataclass
+class UnlearnResult:
+    model: torch.nn.Module
+    history: list = field(default_factory=list)  # one dict per step
+    stopped_early: bool = False
+
+
+class DeepCUTUnlearner:
+    """Runs DeepCUT on a sequence classifier: ``unlearn(forget, retain)``."""
+
+    def __init__(self, model, tokenizer, config: Optional[UnlearnConfig] = None, device=None):
+        self.model = model
+        self.tokenizer = tokenizer
+        self.config = config or UnlearnConfig()
+        self.device = torch.device(device) if device is not None else next(model.parameters()).device
+
+    def _encode(self, texts):
+        enc = self.tokenizer(list(texts), padding=True, truncation=True, max_length=self.config.max_length,
+                             return_tensors="pt")
+        return {k: v.to(self.device) for k, v in enc.items()}
+
+    @torch.no_grad()
+    def accuracy(self, data: TextDataset, batch_size=64):
+        """Accuracy of the current model on ``data`` (dropout off)."""
+        was_training = self.model.training
+        self.model.eval()
+        correct = 0
+        for start in range(0, len(data), batch_size):
+            enc = self._encode(data.texts[start:start + batch_size])
+            predicted = self.model(**enc).logits.argmax(-1).cpu()
+            correct += int((predicted == torch.tensor(data.labels[start:start + batch_size])).sum())
+        self.model.train(was_training)
+        return correct / max(len(data), 1)
+
+    def unlearn(self, forget: TextDataset, retain: TextDataset, progress=True) -> UnlearnResult:
+        if len(forget) == 0 or len(retain) == 0:
+            raise ValueError(f"need forget and retain samples, got {len(forget)} and {len(retain)}")
+        from tqdm.auto import tqdm
+
+        cfg = self.config
+        generator = torch.Generator().manual_seed(cfg.seed)
+        torch.manual_seed(cfg.seed)  # dropout masks
+        optimizer = torch.optim.AdamW(self.model.parameters(), lr=cfg.learning_rate)
+        orders = {"forget": [], "retain": []}
+
+        def next_batch(name, data, size):  # walk a fresh permutation, reshuffle when used up
+            picked = []
+            while len(picked) < min(size, len(data)):
+                if not orders[name]:
+                    orders[name] = torch.randperm(len(data), generator=generator).tolist()
+                picked.append(orders[name].pop())
+            return picked
+
+        result = UnlearnResult(self.model)
+        steps = cfg.total_steps(len(forget))
+        self.model.train()
+        for step in tqdm(range(1, steps + 1), desc="DeepCUT", disable=not progress):
+            start = time.perf_counter()
+            f_idx = next_batch("forget", forget, cfg.forget_batch_size)
+            r_idx = next_batch("retain", retain, cfg.retain_batch_size)
+            texts = [forget.texts[i] for i in f_idx] + [retain.texts[i] for i in r_idx]
+            labels = torch.tensor([forget.labels[i] for i in f_idx] + [retain.labels[i] for i in r_idx],
+                                  device=self.device)
+            forget_mask = torch.arange(len(texts), device=self.device) < len(f_idx)
+            loss, parts = deepcut_loss(self.model, self._encode(texts), labels, forget_mask, cfg)
+            optimizer.zero_grad(set_to_none=True)
+            loss.backward()
+            optimizer.step()
+            record = dict(step=step, loss=loss.item(), ce=parts["ce"].item(), contrast=parts["contrast"].item(),
+                          seconds=time.perf_counter() - start)
+            if cfg.stop_forget_accuracy is not None and (step % cfg.check_every == 0 or step == steps):
+                record["forget_accuracy"] = self.accuracy(forget)
+                if record["forget_accuracy"] <= cfg.stop_forget_accuracy:
+                    result.history.append(record)
+                    result.stopped_early = step < steps
+                    break
+            result.history.append(record)
+        self.model.eval()
+        return result

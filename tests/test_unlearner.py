@@ -1,0 +1,125 @@
+"""DeepCUT unlearning on a small random BERT with the real MiniLM tokenizer (fast, offline)."""
+import pytest
+import torch
+import torch.nn.functional as F
+
+from deepcut_fast import contrastive_unlearn_loss_reference as reference
+from deepcut_fast.unlearning.data import forget_indices
+from deepcut_fast.unlearning.model import embed
+from deepcut_fast.unlearning.unlearner import DeepCUTUnlearner, UnlearnConfig, deepcut_loss
+from tiny_models import fine_tune, tiny_bert, tokenizer, toy_corpus
+
+
+@pytest.fixture(scope="module")
+def tok():
+    return tokenizer()
+
+
+@pytest.fixture(scope="module")
+def original(tok):
+    """The toy corpus and a tiny BERT fine-tuned until it memorised it."""
+    data = toy_corpus()
+    model = fine_tune(tiny_bert(data.label_names, tok.vocab_size), tok, data)
+    return data, model.state_dict()
+
+
+def batch(tok, data, n=10):
+    enc = tok(data.texts[:: len(data) // n][:n], padding=True, return_tensors="pt")
+    labels = torch.tensor(data.labels[:: len(data) // n][:n])
+    forget = torch.arange(n) % 3 == 0
+    return enc, labels, forget
+
+
+@pytest.mark.parametrize("embedding", ["cls", "mean", "pooler"])
+def test_loss_is_retain_ce_plus_gamma_contrast(tok, embedding):
+    data = toy_corpus(per_class=5)
+    model = tiny_bert(data.label_names, tok.vocab_size).eval()  # dropout off: the views agree
+    enc, labels, forget = batch(tok, data)
+    cfg = UnlearnConfig(gamma=0.7, temperature=0.3, views=2, embedding=embedding, backend="reference")
+    loss, parts = deepcut_loss(model, enc, labels, forget, cfg)
+
+    out = model(**enc, output_hidden_states=True)
+    z = embed(model, out, enc["attention_mask"], embedding).repeat(2, 1)
+    contrast = reference(z, labels.repeat(2), forget.repeat(2), instance_ids=torch.arange(10).repeat(2),
+                         temperature=0.3)
+    want = F.cross_entropy(out.logits[~forget], labels[~forget]) + 0.7 * contrast
+    torch.testing.assert_close(loss, want)
+    torch.testing.assert_close(parts["contrast"], contrast.detach())
+
+
+def test_token_level_anchors_ignore_padding(tok):
+    data = toy_corpus(per_class=4)
+    model = tiny_bert(data.label_names, tok.vocab_size, task="token").eval()
+    enc, _, forget = batch(tok, data, n=6)
+    token_labels = torch.randint(0, 3, enc["input_ids"].shape)
+    token_labels[enc["attention_mask"] == 0] = -100
+    token_labels[:, 0] = -100  # [CLS]
+    cfg = UnlearnConfig(embedding="token", views=2, backend="reference")
+    loss, parts = deepcut_loss(model, enc, token_labels, forget, cfg)
+
+    hidden = model(**enc, output_hidden_states=True).hidden_states[-1].flatten(0, 1).repeat(2, 1)
+    n = token_labels.numel()
+    want = reference(hidden, token_labels.flatten().repeat(2), forget[:, None].expand_as(token_labels).flatten().repeat(2),
+                     instance_ids=torch.arange(n).repeat(2), temperature=cfg.temperature)
+    torch.testing.assert_close(parts["contrast"], want.detach())
+    assert torch.isfinite(loss)
+    with pytest.raises(ValueError, match="token labels"):
+        deepcut_loss(model, enc, token_labels, forget, UnlearnConfig(embedding="cls"))
+
+
+@pytest.mark.parametrize("gamma, forgets", [(1.0, True), (0.0, False)])
+def test_class_unlearning_comes_from_the_contrastive_term(tok, original, gamma, forgets):
+    """DeepCUT removes a memorised class in 20 steps; CE on the retain set alone (gamma = 0,
+    same steps) does not, while both keep the retained classes."""
+    data, state = original
+    model = tiny_bert(data.label_names, tok.vocab_size)
+    model.load_state_dict(state)
+    chosen = set(forget_indices(data, forget_class="tech"))
+    forget = data.subset(sorted(chosen))
+    retain = data.subset([i for i in range(len(data)) if i not in chosen])
+    unlearner = DeepCUTUnlearner(model, tok, UnlearnConfig(steps=20, learning_rate=2e-3, gamma=gamma))
+    assert unlearner.accuracy(forget) == 1.0
+    result = unlearner.unlearn(forget, retain, progress=False)
+    assert len(result.history) == 20 and not result.stopped_early
+    assert unlearner.accuracy(retain) >= 0.95
+    if forgets:
+        assert unlearner.accuracy(forget) <= 0.1
+    else:
+        assert unlearner.accuracy(forget) >= 0.9
+
+
+def test_stopping_rule_ends_the_run_early(tok, original):
+    data, state = original
+    model = tiny_bert(data.label_names, tok.vocab_size)
+    model.load_state_dict(state)
+    chosen = forget_indices(data, forget_class="sport")
+    forget = data.subset(chosen)
+    retain = data.subset([i for i in range(len(data)) if i not in set(chosen)])
+    cfg = UnlearnConfig(steps=60, learning_rate=2e-3, stop_forget_accuracy=0.2, check_every=2)
+    result = DeepCUTUnlearner(model, tok, cfg).unlearn(forget, retain, progress=False)
+    assert result.stopped_early and len(result.history) < 60
+    assert result.history[-1]["forget_accuracy"] <= 0.2
+
+
+@pytest.mark.parametrize("changes, message", [
+    (dict(embedding="max"), "embedding must be one of"),
+    (dict(views=0), "views must be >= 1"),
+    (dict(forget_pull="min"), "forget_pull must be one of"),
+    (dict(steps=None, epochs=None), "give steps or epochs"),
+    (dict(forget_batch_size=0), "forget_batch_size must be >= 1"),
+])
+def test_bad_config(changes, message):
+    with pytest.raises(ValueError, match=message):
+        UnlearnConfig(**changes)
+
+
+def test_epochs_give_steps():
+    assert UnlearnConfig(steps=None, epochs=2, forget_batch_size=16).total_steps(170) == 22
+
+
+def test_layer_out_of_range(tok):
+    data = toy_corpus(per_class=2)
+    model = tiny_bert(data.label_names, tok.vocab_size).eval()
+    enc, labels, forget = batch(tok, data, n=6)
+    with pytest.raises(ValueError, match="layer 7 is out of range: the model has 3 hidden states"):
+        deepcut_loss(model, enc, labels, forget, UnlearnConfig(layer=7))

@@ -1,0 +1,58 @@
+"""A toy corpus and a small random BERT for fast unlearning tests (real tokenizer, offline)."""
+import random
+
+import torch
+
+from deepcut_fast.unlearning.data import TextDataset
+from deepcut_fast.unlearning.model import default_model_path
+
+WORDS = {"business": ["market", "shares", "profit", "bank", "economy", "trade"],
+         "sport": ["match", "goal", "team", "league", "coach", "season"],
+         "tech": ["chip", "software", "phone", "internet", "computer", "data"]}
+COMMON = ["the", "a", "new", "today", "report", "said", "year", "people"]
+
+
+def toy_corpus(per_class=24, seed=0):
+    rng = random.Random(seed)
+    ids, texts, labels = [], [], []
+    for label, (name, words) in enumerate(WORDS.items()):
+        for i in range(per_class):
+            tokens = rng.choices(words, k=4) + rng.choices(COMMON, k=4)
+            rng.shuffle(tokens)
+            ids.append(f"{name}-{i}")
+            texts.append(" ".join(tokens))
+            labels.append(label)
+    return TextDataset(ids, texts, labels, list(WORDS))
+
+
+def tokenizer():
+    from transformers import AutoTokenizer
+
+    return AutoTokenizer.from_pretrained(str(default_model_path()), local_files_only=True)
+
+
+def tiny_bert(label_names, vocab_size, task="sequence", seed=0):
+    from transformers import BertConfig, BertForSequenceClassification, BertForTokenClassification
+
+    torch.manual_seed(seed)
+    config = BertConfig(vocab_size=vocab_size, hidden_size=32, num_hidden_layers=2, num_attention_heads=2,
+                        intermediate_size=64, max_position_embeddings=64, num_labels=len(label_names),
+                        id2label=dict(enumerate(label_names)), label2id={n: i for i, n in enumerate(label_names)})
+    cls = BertForSequenceClassification if task == "sequence" else BertForTokenClassification
+    return cls(config)
+
+
+def fine_tune(model, tok, data, steps=60, lr=2e-3, seed=0):
+    """Plain CE training until the toy corpus is memorised (the 'original' model)."""
+    torch.manual_seed(seed)
+    optimizer = torch.optim.AdamW(model.parameters(), lr=lr)
+    model.train()
+    for step in range(steps):
+        idx = torch.randperm(len(data))[:32].tolist()
+        enc = tok([data.texts[i] for i in idx], padding=True, return_tensors="pt")
+        loss = model(**enc, labels=torch.tensor([data.labels[i] for i in idx])).loss
+        optimizer.zero_grad()
+        loss.backward()
+        optimizer.step()
+    model.eval()
+    return model
