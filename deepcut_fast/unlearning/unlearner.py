@@ -96,75 +96,91 @@ class UnlearnResult:
     stopped_early: bool = False
 
 
+def encode(tokenizer, texts, max_length, device):
+    enc = tokenizer(list(texts), padding=True, truncation=True, max_length=max_length, return_tensors="pt")
+    return {k: v.to(device) for k, v in enc.items()}
+
+
+@torch.no_grad()
+def accuracy(model, tokenizer, data: TextDataset, max_length=96, batch_size=64):
+    """Accuracy of ``model`` on ``data`` with dropout off."""
+    was_training = model.training
+    model.eval()
+    device = next(model.parameters()).device
+    correct = 0
+    for start in range(0, len(data), batch_size):
+        enc = encode(tokenizer, data.texts[start:start + batch_size], max_length, device)
+        predicted = model(**enc).logits.argmax(-1).cpu()
+        correct += int((predicted == torch.tensor(data.labels[start:start + batch_size])).sum())
+    model.train(was_training)
+    return correct / max(len(data), 1)
+
+
+def train_steps(model, tokenizer, forget: TextDataset, retain: TextDataset, config: UnlearnConfig, step_loss,
+                steps=None, forget_batch_size=None, retain_batch_size=None, progress=True, desc="unlearn"):
+    """The loop every method shares: each step draws forget and retain samples (walking seeded
+    permutations), tokenises them into one batch, and takes an AdamW step on
+    ``step_loss(model, inputs, labels, forget_mask) -> (loss, parts)``. Applies the config's
+    stopping rule and returns an UnlearnResult with one history record per step."""
+    from tqdm.auto import tqdm
+
+    forget_batch_size = config.forget_batch_size if forget_batch_size is None else forget_batch_size
+    retain_batch_size = config.retain_batch_size if retain_batch_size is None else retain_batch_size
+    steps = config.total_steps(len(forget)) if steps is None else steps
+    device = next(model.parameters()).device
+    generator = torch.Generator().manual_seed(config.seed)
+    torch.manual_seed(config.seed)  # dropout masks
+    optimizer = torch.optim.AdamW(model.parameters(), lr=config.learning_rate)
+    orders = {"forget": [], "retain": []}
+
+    def next_batch(name, data, size):  # walk a fresh permutation, reshuffle when used up
+        picked = []
+        while len(picked) < min(size, len(data)):
+            if not orders[name]:
+                orders[name] = torch.randperm(len(data), generator=generator).tolist()
+            picked.append(orders[name].pop())
+        return picked
+
+    result = UnlearnResult(model)
+    model.train()
+    for step in tqdm(range(1, steps + 1), desc=desc, disable=not progress):
+        start = time.perf_counter()
+        f_idx = next_batch("forget", forget, forget_batch_size)
+        r_idx = next_batch("retain", retain, retain_batch_size)
+        texts = [forget.texts[i] for i in f_idx] + [retain.texts[i] for i in r_idx]
+        labels = torch.tensor([forget.labels[i] for i in f_idx] + [retain.labels[i] for i in r_idx], device=device)
+        forget_mask = torch.arange(len(texts), device=device) < len(f_idx)
+        loss, parts = step_loss(model, encode(tokenizer, texts, config.max_length, device), labels, forget_mask)
+        optimizer.zero_grad(set_to_none=True)
+        loss.backward()
+        optimizer.step()
+        record = dict(step=step, loss=loss.item(), seconds=time.perf_counter() - start,
+                      **{k: float(v) for k, v in parts.items()})
+        result.history.append(record)
+        if config.stop_forget_accuracy is not None and (step % config.check_every == 0 or step == steps):
+            record["forget_accuracy"] = accuracy(model, tokenizer, forget, config.max_length)
+            if record["forget_accuracy"] <= config.stop_forget_accuracy:
+                result.stopped_early = step < steps
+                break
+    model.eval()
+    return result
+
+
 class DeepCUTUnlearner:
     """Runs DeepCUT on a sequence classifier: ``unlearn(forget, retain)``."""
 
-    def __init__(self, model, tokenizer, config: Optional[UnlearnConfig] = None, device=None):
+    def __init__(self, model, tokenizer, config: Optional[UnlearnConfig] = None):
         self.model = model
         self.tokenizer = tokenizer
         self.config = config or UnlearnConfig()
-        self.device = torch.device(device) if device is not None else next(model.parameters()).device
 
-    def _encode(self, texts):
-        enc = self.tokenizer(list(texts), padding=True, truncation=True, max_length=self.config.max_length,
-                             return_tensors="pt")
-        return {k: v.to(self.device) for k, v in enc.items()}
-
-    @torch.no_grad()
-    def accuracy(self, data: TextDataset, batch_size=64):
-        """Accuracy of the current model on ``data`` (dropout off)."""
-        was_training = self.model.training
-        self.model.eval()
-        correct = 0
-        for start in range(0, len(data), batch_size):
-            enc = self._encode(data.texts[start:start + batch_size])
-            predicted = self.model(**enc).logits.argmax(-1).cpu()
-            correct += int((predicted == torch.tensor(data.labels[start:start + batch_size])).sum())
-        self.model.train(was_training)
-        return correct / max(len(data), 1)
+    def accuracy(self, data: TextDataset):
+        return accuracy(self.model, self.tokenizer, data, self.config.max_length)
 
     def unlearn(self, forget: TextDataset, retain: TextDataset, progress=True) -> UnlearnResult:
         if len(forget) == 0 or len(retain) == 0:
             raise ValueError(f"need forget and retain samples, got {len(forget)} and {len(retain)}")
-        from tqdm.auto import tqdm
-
         cfg = self.config
-        generator = torch.Generator().manual_seed(cfg.seed)
-        torch.manual_seed(cfg.seed)  # dropout masks
-        optimizer = torch.optim.AdamW(self.model.parameters(), lr=cfg.learning_rate)
-        orders = {"forget": [], "retain": []}
-
-        def next_batch(name, data, size):  # walk a fresh permutation, reshuffle when used up
-            picked = []
-            while len(picked) < min(size, len(data)):
-                if not orders[name]:
-                    orders[name] = torch.randperm(len(data), generator=generator).tolist()
-                picked.append(orders[name].pop())
-            return picked
-
-        result = UnlearnResult(self.model)
-        steps = cfg.total_steps(len(forget))
-        self.model.train()
-        for step in tqdm(range(1, steps + 1), desc="DeepCUT", disable=not progress):
-            start = time.perf_counter()
-            f_idx = next_batch("forget", forget, cfg.forget_batch_size)
-            r_idx = next_batch("retain", retain, cfg.retain_batch_size)
-            texts = [forget.texts[i] for i in f_idx] + [retain.texts[i] for i in r_idx]
-            labels = torch.tensor([forget.labels[i] for i in f_idx] + [retain.labels[i] for i in r_idx],
-                                  device=self.device)
-            forget_mask = torch.arange(len(texts), device=self.device) < len(f_idx)
-            loss, parts = deepcut_loss(self.model, self._encode(texts), labels, forget_mask, cfg)
-            optimizer.zero_grad(set_to_none=True)
-            loss.backward()
-            optimizer.step()
-            record = dict(step=step, loss=loss.item(), ce=parts["ce"].item(), contrast=parts["contrast"].item(),
-                          seconds=time.perf_counter() - start)
-            if cfg.stop_forget_accuracy is not None and (step % cfg.check_every == 0 or step == steps):
-                record["forget_accuracy"] = self.accuracy(forget)
-                if record["forget_accuracy"] <= cfg.stop_forget_accuracy:
-                    result.history.append(record)
-                    result.stopped_early = step < steps
-                    break
-            result.history.append(record)
-        self.model.eval()
-        return result
+        return train_steps(self.model, self.tokenizer, forget, retain, cfg,
+                           lambda model, inputs, labels, mask: deepcut_loss(model, inputs, labels, mask, cfg),
+                           progress=progress, desc="DeepCUT")
