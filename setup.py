@@ -50,5 +50,6 @@ setup(
     extras_require={
         "test": ["pytest>=7", "pytest-benchmark>=4", "hypothesis>=6"],
         "bench": ["matplotlib>=3.7", "pytorch-metric-learning>=2.0", "inf-cl>=1.2"],
+        "trainer": ["accelerate>=1.0"],
     },
 )

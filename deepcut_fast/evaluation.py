@@ -89,14 +89,19 @@ def svc_mia_efficacy(retain: Predictions, test: Predictions, forget: Predictions
     return float((attack.predict(_confidence_features(forget)) == 0).mean())
 
 
-def evaluate(model, tokenizer, forget, retain, test, label_names, **predict_options):
-    """Every figure of this module for one model; sets are TextDatasets."""
-    preds = {name: predict(model, tokenizer, data, **predict_options)
-             for name, data in (("forget", forget), ("retain", retain), ("test", test))}
+def report_from_predictions(preds, label_names):
+    """Every figure of this module from the predictions on the forget, retain and test sets."""
     report = {name: classification_metrics(preds[name], label_names) for name in SETS}
     report["mia_loss_auc"] = loss_mia_auc(preds["forget"], preds["test"])
     report["mia_svc_efficacy"] = svc_mia_efficacy(preds["retain"], preds["test"], preds["forget"])
     return report
+
+
+def evaluate(model, tokenizer, forget, retain, test, label_names, **predict_options):
+    """Every figure of this module for one model; sets are TextDatasets."""
+    preds = {name: predict(model, tokenizer, data, **predict_options)
+             for name, data in (("forget", forget), ("retain", retain), ("test", test))}
+    return report_from_predictions(preds, label_names)
 
 
 def headline(report):

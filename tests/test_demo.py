@@ -1,0 +1,41 @@
+"""Integration: the demo pipeline on the real MiniLM and a 300-document subset of BBC News."""
+import json
+
+import pytest
+
+from deepcut_fast.unlearning.demo import METHOD_ORDER, DemoOptions, run_demo
+
+
+@pytest.fixture(scope="module")
+def quick_run(tmp_path_factory):
+    out = tmp_path_factory.mktemp("demo")
+    return out, run_demo(DemoOptions(quick=True), out, progress=False)
+
+
+def test_report_covers_every_method(quick_run):
+    out, report = quick_run
+    assert list(report["summary"]) == list(METHOD_ORDER)
+    assert report["sizes"]["forget"] + report["sizes"]["retain"] == report["sizes"]["train"]
+    for name, row in report["summary"].items():
+        assert 0 <= row["mia_loss_auc"] <= 1 and 0 <= row["forget_f1"] <= 100
+        assert "forgotten_class_recall_test" in row and row["distance_to_retrain"] >= 0
+    assert report["summary"]["retrain"]["distance_to_retrain"] == 0
+    assert report["summary"]["retrain"]["forgotten_class_recall_train"] == 0  # never saw the class
+    assert json.loads((out / "report.json").read_text())["summary"] == json.loads(json.dumps(report["summary"]))
+    assert "| deepcut |" in (out / "report.md").read_text()
+    assert (out / "report.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    assert not list(out.glob("*.tmp"))
+
+
+def test_rerun_uses_the_cached_models(quick_run):
+    out, report = quick_run
+    cached = sorted(p.name for p in (out / "cache").iterdir())
+    assert cached == ["original-class-seed0", "retrain-class-seed0", "retrain-class-seed1000"]
+    again = run_demo(DemoOptions(quick=True), out, progress=False)
+    for name in ("original", "retrain", "retrain_seed2"):  # same models, same figures
+        assert again["summary"][name]["test_f1"] == pytest.approx(report["summary"][name]["test_f1"])
+
+
+def test_unknown_scenario():
+    with pytest.raises(ValueError, match="scenario must be one of"):
+        DemoOptions(scenario="everything")
