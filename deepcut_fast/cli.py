@@ -3,6 +3,8 @@
 - ``deepcut-fast demo``: the offline unlearning demo (BBC News + MiniLM-L6): fine-tune the
   original, run DeepCUT and the baselines, compare with retraining; writes report.json,
   report.md and report.png.
+- ``deepcut-fast unlearn``: DeepCUT on your own fine-tuned model and data; saves the
+  unlearned model (save_pretrained) and a report; an interrupted run resumes.
 - ``deepcut-fast check``: the loss on every backend available here against the float64
   reference (loss, gradient error, time).
 """
@@ -83,6 +85,23 @@ def demo(args):
     return 0
 
 
+def unlearn(args):
+    from deepcut_fast.unlearning.job import run_unlearn_job
+    from deepcut_fast.unlearning.unlearner import UnlearnConfig
+
+    specs = dict(ids_file=args.forget_ids, column=args.forget_column, forget_class=args.forget_class)
+    config = UnlearnConfig(gamma=args.gamma, temperature=args.temperature, steps=args.steps, learning_rate=args.lr,
+                           views=args.views, embedding=args.embedding, layer=args.layer, max_length=args.max_length,
+                           stop_forget_accuracy=args.stop_forget_accuracy, seed=args.seed)
+    columns = dict(text_column=args.text_column, label_column=args.label_column, id_column=args.id_column)
+    report = run_unlearn_job(args.model, args.data, args.out, config, {k: v for k, v in specs.items() if v},
+                             test_path=args.test, columns=columns, checkpoint_every=args.checkpoint_every)
+    forget_acc = report["metrics"]["forget"]["accuracy"]
+    print(f"unlearned {report['sizes']['forget']} samples in {len(report['history'])} steps; "
+          f"forget accuracy {100 * forget_acc:.1f}%; wrote {args.out}/model and {args.out}/report.json")
+    return 0
+
+
 def main(argv=None):
     parser = argparse.ArgumentParser(prog="deepcut-fast", description=__doc__,
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
@@ -102,6 +121,30 @@ def main(argv=None):
     d.add_argument("--max-length", type=int, default=64)
     d.add_argument("--quick", action="store_true", help="300 documents and a few steps: a smoke test")
     d.set_defaults(func=demo)
+    u = sub.add_parser("unlearn", help="DeepCUT on your fine-tuned model and data")
+    u.add_argument("--model", required=True, help="directory of a fine-tuned transformers classifier")
+    u.add_argument("--data", required=True, help="training data (.csv or .jsonl)")
+    u.add_argument("--test", default=None, help="held-out data for the membership-inference figures")
+    u.add_argument("--out", required=True, help="output folder; rerun with the same one to resume")
+    u.add_argument("--text-column", default="text")
+    u.add_argument("--label-column", default="label")
+    u.add_argument("--id-column", default=None)
+    which = u.add_mutually_exclusive_group(required=True)
+    which.add_argument("--forget-ids", help="file with one row id per line")
+    which.add_argument("--forget-column", help="boolean column marking the rows to forget")
+    which.add_argument("--forget-class", help="forget every row of this class")
+    u.add_argument("--steps", type=int, default=10)
+    u.add_argument("--gamma", type=float, default=1.0)
+    u.add_argument("--temperature", type=float, default=0.5)
+    u.add_argument("--lr", type=float, default=5e-5)
+    u.add_argument("--views", type=int, default=2)
+    u.add_argument("--embedding", choices=["cls", "mean", "pooler"], default="cls")
+    u.add_argument("--layer", type=int, default=-1)
+    u.add_argument("--max-length", type=int, default=96)
+    u.add_argument("--stop-forget-accuracy", type=float, default=None)
+    u.add_argument("--checkpoint-every", type=int, default=5)
+    u.add_argument("--seed", type=int, default=0)
+    u.set_defaults(func=unlearn)
     p = sub.add_parser("check", help="run every available backend against the reference")
     p.add_argument("--rows", type=int, default=512, help="anchor rows (samples x views)")
     p.add_argument("--dim", type=int, default=384, help="embedding size (MiniLM: 384)")

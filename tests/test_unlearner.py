@@ -123,3 +123,42 @@ def test_layer_out_of_range(tok):
     enc, labels, forget = batch(tok, data, n=6)
     with pytest.raises(ValueError, match="layer 7 is out of range: the model has 3 hidden states"):
         deepcut_loss(model, enc, labels, forget, UnlearnConfig(layer=7))
+
+
+def test_interrupted_run_resumes_to_the_same_model(tok, original, tmp_path, monkeypatch):
+    """Stop a checkpointed run mid-way; the resumed run ends exactly where an uninterrupted one does."""
+    import deepcut_fast.unlearning.unlearner as module
+
+    data, state = original
+    chosen = forget_indices(data, forget_class="tech")
+    forget = data.subset(chosen)
+    retain = data.subset([i for i in range(len(data)) if i not in set(chosen)])
+    cfg = UnlearnConfig(steps=6, learning_rate=2e-3)
+
+    def fresh():
+        model = tiny_bert(data.label_names, tok.vocab_size)
+        model.load_state_dict(state)
+        return DeepCUTUnlearner(model, tok, cfg)
+
+    straight = fresh().unlearn(forget, retain, progress=False)
+
+    checkpoint = module.Checkpoint(tmp_path / "state.pt", every=2)
+    calls = []
+
+    def interrupted_at_step_5(*args):
+        calls.append(1)
+        if len(calls) == 5:  # after the checkpoint of step 4
+            raise KeyboardInterrupt
+        return deepcut_loss(*args)
+
+    monkeypatch.setattr(module, "deepcut_loss", interrupted_at_step_5)
+    with pytest.raises(KeyboardInterrupt):
+        fresh().unlearn(forget, retain, progress=False, checkpoint=checkpoint)
+    monkeypatch.undo()
+    assert checkpoint.load()["step"] == 4
+
+    resumed = fresh().unlearn(forget, retain, progress=False, checkpoint=checkpoint)
+    assert [r["step"] for r in resumed.history] == list(range(1, 7))
+    assert [r["loss"] for r in resumed.history] == pytest.approx([r["loss"] for r in straight.history])
+    for a, b in zip(resumed.model.state_dict().values(), straight.model.state_dict().values()):
+        torch.testing.assert_close(a, b)

@@ -12,9 +12,7 @@ under ``<out>/cache`` so a rerun skips them. Every output is written atomically.
 """
 import copy
 import json
-import os
 import random
-import shutil
 import time
 from dataclasses import asdict, dataclass, replace
 from pathlib import Path
@@ -25,6 +23,7 @@ from deepcut_fast.evaluation import (Predictions, classification_metrics, gap_to
                                      report_from_predictions)
 from deepcut_fast.unlearning import baselines
 from deepcut_fast.unlearning.data import TextDataset, forget_indices, load_bbc_news, split
+from deepcut_fast.unlearning.files import atomic_write, save_model_atomically
 from deepcut_fast.unlearning.model import default_model_path, load_classifier
 from deepcut_fast.unlearning.unlearner import UnlearnConfig, accuracy, train_steps
 
@@ -54,24 +53,6 @@ class DemoOptions:
         if self.quick:
             self.train_steps, self.max_memorise_rounds = 8, 1
             self.unlearn = replace(self.unlearn, steps=3)
-
-
-def atomic_write(path: Path, write_bytes):
-    tmp = path.with_name(path.name + ".tmp")
-    with open(tmp, "wb") as f:
-        write_bytes(f)
-        f.flush()
-        os.fsync(f.fileno())
-    os.replace(tmp, path)
-
-
-def save_model_atomically(model, tokenizer, directory: Path):
-    tmp = directory.with_name(directory.name + ".tmp")
-    shutil.rmtree(tmp, ignore_errors=True)
-    model.save_pretrained(tmp)
-    tokenizer.save_pretrained(tmp)
-    shutil.rmtree(directory, ignore_errors=True)
-    os.replace(tmp, directory)
 
 
 def prepare_data(opts: DemoOptions):

@@ -6,8 +6,10 @@ package's fused loss on the chosen embeddings (the views of one sample share an 
 Token classification uses token embeddings as anchors, with -100 labels ignored.
 """
 import math
+import os
 import time
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Optional
 
 import torch
@@ -116,12 +118,32 @@ def accuracy(model, tokenizer, data: TextDataset, max_length=96, batch_size=64):
     return correct / max(len(data), 1)
 
 
+class Checkpoint:
+    """Everything needed to continue a run exactly (model, optimiser, sampling and RNG state,
+    history), saved atomically to one file every ``every`` steps."""
+
+    def __init__(self, path, every=5):
+        if every < 1:
+            raise ValueError(f"checkpoint interval must be >= 1, got {every}")
+        self.path, self.every = Path(path), every
+
+    def load(self):
+        return torch.load(self.path, weights_only=False) if self.path.exists() else None
+
+    def save(self, state):
+        tmp = self.path.with_name(self.path.name + ".tmp")
+        torch.save(state, tmp)
+        os.replace(tmp, self.path)
+
+
 def train_steps(model, tokenizer, forget: TextDataset, retain: TextDataset, config: UnlearnConfig, step_loss,
-                steps=None, forget_batch_size=None, retain_batch_size=None, progress=True, desc="unlearn"):
+                steps=None, forget_batch_size=None, retain_batch_size=None, progress=True, desc="unlearn",
+                checkpoint: Optional[Checkpoint] = None):
     """The loop every method shares: each step draws forget and retain samples (walking seeded
     permutations), tokenises them into one batch, and takes an AdamW step on
     ``step_loss(model, inputs, labels, forget_mask) -> (loss, parts)``. Applies the config's
-    stopping rule and returns an UnlearnResult with one history record per step."""
+    stopping rule and returns an UnlearnResult with one history record per step. With a
+    ``checkpoint`` whose file exists, the run continues from it instead of starting over."""
     from tqdm.auto import tqdm
 
     forget_batch_size = config.forget_batch_size if forget_batch_size is None else forget_batch_size
@@ -142,8 +164,16 @@ def train_steps(model, tokenizer, forget: TextDataset, retain: TextDataset, conf
         return picked
 
     result = UnlearnResult(model)
+    first = 1
+    state = checkpoint.load() if checkpoint is not None else None
+    if state is not None:
+        model.load_state_dict(state["model"])
+        optimizer.load_state_dict(state["optimizer"])
+        generator.set_state(state["generator"])
+        torch.set_rng_state(state["torch_rng"])
+        orders, result.history, first = state["orders"], state["history"], state["step"] + 1
     model.train()
-    for step in tqdm(range(1, steps + 1), desc=desc, disable=not progress):
+    for step in tqdm(range(first, steps + 1), desc=desc, disable=not progress, initial=first - 1, total=steps):
         start = time.perf_counter()
         f_idx = next_batch("forget", forget, forget_batch_size)
         r_idx = next_batch("retain", retain, retain_batch_size)
@@ -162,6 +192,10 @@ def train_steps(model, tokenizer, forget: TextDataset, retain: TextDataset, conf
             if record["forget_accuracy"] <= config.stop_forget_accuracy:
                 result.stopped_early = step < steps
                 break
+        if checkpoint is not None and step % checkpoint.every == 0:
+            checkpoint.save(dict(step=step, model=model.state_dict(), optimizer=optimizer.state_dict(),
+                                 generator=generator.get_state(), torch_rng=torch.get_rng_state(), orders=orders,
+                                 history=result.history))
     model.eval()
     return result
 
@@ -177,10 +211,11 @@ class DeepCUTUnlearner:
     def accuracy(self, data: TextDataset):
         return accuracy(self.model, self.tokenizer, data, self.config.max_length)
 
-    def unlearn(self, forget: TextDataset, retain: TextDataset, progress=True) -> UnlearnResult:
+    def unlearn(self, forget: TextDataset, retain: TextDataset, progress=True,
+                checkpoint: Optional[Checkpoint] = None) -> UnlearnResult:
         if len(forget) == 0 or len(retain) == 0:
             raise ValueError(f"need forget and retain samples, got {len(forget)} and {len(retain)}")
         cfg = self.config
         return train_steps(self.model, self.tokenizer, forget, retain, cfg,
                            lambda model, inputs, labels, mask: deepcut_loss(model, inputs, labels, mask, cfg),
-                           progress=progress, desc="DeepCUT")
+                           progress=progress, desc="DeepCUT", checkpoint=checkpoint)
