@@ -16,6 +16,8 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
+from deepcut_fast.unlearning.model import encode
+
 SETS = ("forget", "retain", "test")
 
 
@@ -41,9 +43,7 @@ def predict(model, tokenizer, data, batch_size=64, max_length=96) -> Predictions
     device = next(model.parameters()).device
     probs = []
     for start in range(0, len(data), batch_size):
-        enc = tokenizer(list(data.texts[start:start + batch_size]), padding=True, truncation=True,
-                        max_length=max_length, return_tensors="pt")
-        logits = model(**{k: v.to(device) for k, v in enc.items()}).logits
+        logits = model(**encode(tokenizer, data.texts[start:start + batch_size], max_length, device)).logits
         probs.append(F.softmax(logits.float(), -1).cpu().numpy())
     model.train(was_training)
     return Predictions(np.asarray(data.labels), np.concatenate(probs) if probs else np.zeros((0, 0)))

@@ -14,9 +14,7 @@ def setup():
     tok = tokenizer()
     data = toy_corpus()
     model = fine_tune(tiny_bert(data.label_names, tok.vocab_size), tok, data)
-    chosen = set(forget_indices(data, forget_class="tech"))
-    forget = data.subset(sorted(chosen))
-    retain = data.subset([i for i in range(len(data)) if i not in chosen])
+    forget, retain = data.partition(forget_indices(data, forget_class="tech"))
     return tok, data, model, forget, retain
 
 

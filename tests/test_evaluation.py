@@ -64,9 +64,7 @@ def test_gap_and_distance():
 def test_evaluate_end_to_end():
     tok = tokenizer()
     data = toy_corpus(per_class=8)
-    chosen = forget_indices(data, forget_class="tech")
-    forget = data.subset(chosen)
-    retain = data.subset([i for i in range(len(data)) if i not in set(chosen)])
+    forget, retain = data.partition(forget_indices(data, forget_class="tech"))
     report = evaluate(tiny_bert(data.label_names, tok.vocab_size), tok, forget, retain, toy_corpus(per_class=4, seed=1),
                       data.label_names)
     assert set(report) == {"forget", "retain", "test", "mia_loss_auc", "mia_svc_efficacy"}

@@ -27,8 +27,7 @@ def test_trainer_forgets_a_class(tmp_path):
     trainer = DeepCUTTrainer(model=model, args=args, train_dataset=rows(tok, data, tech),
                              data_collator=DataCollatorWithPadding(tok), unlearn_config=UnlearnConfig(gamma=1.0))
     trainer.train()
-    forget = data.subset([i for i, y in enumerate(data.labels) if y == tech])
-    retain = data.subset([i for i, y in enumerate(data.labels) if y != tech])
+    forget, retain = data.partition([i for i, y in enumerate(data.labels) if y == tech])
     assert accuracy(trainer.model, tok, forget) <= 0.1
     assert accuracy(trainer.model, tok, retain) >= 0.95
     metrics = trainer.evaluate(rows(tok, retain, tech))  # evaluation: the model's own CE on retained classes

@@ -74,9 +74,7 @@ def test_class_unlearning_comes_from_the_contrastive_term(tok, original, gamma, 
     data, state = original
     model = tiny_bert(data.label_names, tok.vocab_size)
     model.load_state_dict(state)
-    chosen = set(forget_indices(data, forget_class="tech"))
-    forget = data.subset(sorted(chosen))
-    retain = data.subset([i for i in range(len(data)) if i not in chosen])
+    forget, retain = data.partition(forget_indices(data, forget_class="tech"))
     unlearner = DeepCUTUnlearner(model, tok, UnlearnConfig(steps=20, learning_rate=2e-3, gamma=gamma))
     assert unlearner.accuracy(forget) == 1.0
     result = unlearner.unlearn(forget, retain, progress=False)
@@ -92,9 +90,7 @@ def test_stopping_rule_ends_the_run_early(tok, original):
     data, state = original
     model = tiny_bert(data.label_names, tok.vocab_size)
     model.load_state_dict(state)
-    chosen = forget_indices(data, forget_class="sport")
-    forget = data.subset(chosen)
-    retain = data.subset([i for i in range(len(data)) if i not in set(chosen)])
+    forget, retain = data.partition(forget_indices(data, forget_class="sport"))
     cfg = UnlearnConfig(steps=60, learning_rate=2e-3, stop_forget_accuracy=0.2, check_every=2)
     result = DeepCUTUnlearner(model, tok, cfg).unlearn(forget, retain, progress=False)
     assert result.stopped_early and len(result.history) < 60
@@ -130,9 +126,7 @@ def test_interrupted_run_resumes_to_the_same_model(tok, original, tmp_path, monk
     import deepcut_fast.unlearning.unlearner as module
 
     data, state = original
-    chosen = forget_indices(data, forget_class="tech")
-    forget = data.subset(chosen)
-    retain = data.subset([i for i in range(len(data)) if i not in set(chosen)])
+    forget, retain = data.partition(forget_indices(data, forget_class="tech"))
     cfg = UnlearnConfig(steps=6, learning_rate=2e-3)
 
     def fresh():

@@ -17,6 +17,11 @@ def _ce(model, inputs, labels, rows):
     return F.cross_entropy(model(**inputs).logits[rows], labels[rows])
 
 
+def _retain_ce_step(model, inputs, labels, forget_mask):
+    ce = _ce(model, inputs, labels, ~forget_mask)
+    return ce, {"ce": ce.detach()}
+
+
 def original(model, tokenizer, forget, retain, config, progress=True):
     """No unlearning: the fine-tuned model as it is."""
     return UnlearnResult(model.eval())
@@ -28,11 +33,7 @@ def deepcut(model, tokenizer, forget, retain, config, progress=True):
 
 def finetune_retain(model, tokenizer, forget, retain, config, progress=True):
     """Keep training on the retain set only (forgetting by catastrophic interference)."""
-    def step(model, inputs, labels, forget_mask):
-        ce = _ce(model, inputs, labels, ~forget_mask)
-        return ce, {"ce": ce.detach()}
-
-    return train_steps(model, tokenizer, forget, retain, config, step, forget_batch_size=0, progress=progress,
+    return train_steps(model, tokenizer, forget, retain, config, _retain_ce_step, forget_batch_size=0, progress=progress,
                        desc="fine-tune retain")
 
 
@@ -41,11 +42,7 @@ def retrain(base_model, tokenizer, forget, retain, config, progress=True):
     ``config.epochs`` over the retain set) is the training budget, not an unlearning budget."""
     steps = config.steps if config.steps is not None else \
         max(1, round(config.epochs * len(retain) / config.retain_batch_size))
-    def step(model, inputs, labels, forget_mask):
-        ce = _ce(model, inputs, labels, ~forget_mask)
-        return ce, {"ce": ce.detach()}
-
-    return train_steps(base_model, tokenizer, forget, retain, config, step, steps=steps, forget_batch_size=0,
+    return train_steps(base_model, tokenizer, forget, retain, config, _retain_ce_step, steps=steps, forget_batch_size=0,
                        progress=progress, desc="retrain")
 
 

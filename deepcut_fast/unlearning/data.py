@@ -30,6 +30,11 @@ class TextDataset:
     def __len__(self):
         return len(self.texts)
 
+    def partition(self, indices: Sequence[int]):
+        """(the rows at ``indices``, every other row), e.g. (forget, retain)."""
+        chosen = set(indices)
+        return self.subset(sorted(chosen)), self.subset([i for i in range(len(self)) if i not in chosen])
+
     def subset(self, indices: Sequence[int]) -> "TextDataset":
         pick = list(indices)
         return TextDataset([self.ids[i] for i in pick], [self.texts[i] for i in pick],

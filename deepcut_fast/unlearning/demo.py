@@ -17,15 +17,13 @@ import time
 from dataclasses import asdict, dataclass, replace
 from pathlib import Path
 
-import torch
-
 from deepcut_fast.evaluation import (Predictions, classification_metrics, gap_to, headline, predict,
                                      report_from_predictions)
 from deepcut_fast.unlearning import baselines
 from deepcut_fast.unlearning.data import TextDataset, forget_indices, load_bbc_news, split
 from deepcut_fast.unlearning.files import atomic_write, save_model_atomically
 from deepcut_fast.unlearning.model import default_model_path, load_classifier
-from deepcut_fast.unlearning.unlearner import UnlearnConfig, accuracy, train_steps
+from deepcut_fast.unlearning.unlearner import UnlearnConfig, accuracy
 
 SCENARIOS = ("class", "noisy", "random")
 METHOD_ORDER = ("original", "retrain", "retrain_seed2", "deepcut", "finetune_retain", "gradient_ascent",
@@ -78,15 +76,10 @@ def prepare_data(opts: DemoOptions):
     return train, test, chosen, notes
 
 
-def _ce_step(model, inputs, labels, forget_mask):
-    ce = torch.nn.functional.cross_entropy(model(**inputs).logits, labels)
-    return ce, {"ce": ce.detach()}
-
-
 def _train(model, tokenizer, data, opts, seed, steps):
+    """Fine-tune on ``data`` with CE (the original, and retraining on the retain set)."""
     cfg = UnlearnConfig(steps=steps, learning_rate=5e-5, retain_batch_size=32, max_length=opts.max_length, seed=seed)
-    empty = data.subset([])
-    return train_steps(model, tokenizer, empty, data, cfg, _ce_step, forget_batch_size=0, desc="fine-tune").model
+    return baselines.retrain(model, tokenizer, data.subset([]), data, cfg).model
 
 
 def cached_model(directory: Path, label_names, build):
@@ -143,8 +136,7 @@ def run_demo(opts: DemoOptions, out: Path, progress=True):
     cache = out / "cache"
     cache.mkdir(exist_ok=True)
     train, test, chosen, notes = prepare_data(opts)
-    forget = train.subset(chosen)
-    retain = train.subset([i for i in range(len(train)) if i not in set(chosen)])
+    forget, retain = train.partition(chosen)
     original_model, tokenizer = train_original(opts, train, forget, cache)
     retrain_steps = opts.train_steps
     rows = {}

@@ -32,9 +32,7 @@ def run_unlearn_job(model_dir, data_path, out, config: UnlearnConfig, forget_spe
     columns = columns or {}
     label_names = model_label_names(model_dir)
     train = load_table(data_path, label_names=label_names, **columns)  # labels outside the model's fail
-    chosen = set(forget_indices(train, **forget_spec))
-    forget = train.subset(sorted(chosen))
-    retain = train.subset([i for i in range(len(train)) if i not in chosen])
+    forget, retain = train.partition(forget_indices(train, **forget_spec))
     model, tokenizer = load_classifier(model_dir, label_names)
     checkpoint = Checkpoint(out / "checkpoint.pt", every=checkpoint_every)
     resumed_from = (checkpoint.load() or {}).get("step", 0)

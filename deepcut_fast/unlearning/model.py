@@ -33,6 +33,12 @@ def load_classifier(path, label_names, task="sequence"):
     return model, tokenizer
 
 
+def encode(tokenizer, texts, max_length, device):
+    """A padded, truncated batch of ``texts`` as tensors on ``device``."""
+    enc = tokenizer(list(texts), padding=True, truncation=True, max_length=max_length, return_tensors="pt")
+    return {k: v.to(device) for k, v in enc.items()}
+
+
 def embed(model, outputs, attention_mask, kind="cls", layer=-1):
     """Embeddings of one forward pass (run with ``output_hidden_states=True``).
 

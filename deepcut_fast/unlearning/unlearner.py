@@ -15,9 +15,10 @@ from typing import Optional
 import torch
 import torch.nn.functional as F
 
+from deepcut_fast.evaluation import predict
 from deepcut_fast.loss import FORGET_PULLS, contrastive_unlearn_loss
 from deepcut_fast.unlearning.data import TextDataset
-from deepcut_fast.unlearning.model import EMBEDDINGS, embed
+from deepcut_fast.unlearning.model import EMBEDDINGS, embed, encode
 
 
 @dataclass
@@ -98,24 +99,12 @@ class UnlearnResult:
     stopped_early: bool = False
 
 
-def encode(tokenizer, texts, max_length, device):
-    enc = tokenizer(list(texts), padding=True, truncation=True, max_length=max_length, return_tensors="pt")
-    return {k: v.to(device) for k, v in enc.items()}
-
-
-@torch.no_grad()
-def accuracy(model, tokenizer, data: TextDataset, max_length=96, batch_size=64):
+def accuracy(model, tokenizer, data: TextDataset, max_length=96):
     """Accuracy of ``model`` on ``data`` with dropout off."""
-    was_training = model.training
-    model.eval()
-    device = next(model.parameters()).device
-    correct = 0
-    for start in range(0, len(data), batch_size):
-        enc = encode(tokenizer, data.texts[start:start + batch_size], max_length, device)
-        predicted = model(**enc).logits.argmax(-1).cpu()
-        correct += int((predicted == torch.tensor(data.labels[start:start + batch_size])).sum())
-    model.train(was_training)
-    return correct / max(len(data), 1)
+    if len(data) == 0:
+        return 0.0
+    p = predict(model, tokenizer, data, max_length=max_length)
+    return float((p.predicted == p.labels).mean())
 
 
 class Checkpoint:
