@@ -68,18 +68,20 @@ def check(args):
 
 
 def demo(args):
+    from dataclasses import replace
     from pathlib import Path
 
-    from deepcut_fast.unlearning.demo import DemoOptions, markdown_table, run_demo
-    from deepcut_fast.unlearning.unlearner import UnlearnConfig
+    from deepcut_fast.unlearning.demo import DemoOptions, markdown_table, run_demo, scenario_config
 
-    unlearn = UnlearnConfig(gamma=args.gamma, temperature=args.temperature, steps=args.steps,
-                            learning_rate=args.lr, views=args.views, embedding=args.embedding,
-                            max_length=args.max_length, seed=args.seed)
+    overrides = {k: getattr(args, k) for k in ("gamma", "temperature", "steps", "views", "embedding")
+                 if getattr(args, k) is not None}
+    if args.lr is not None:
+        overrides["learning_rate"] = args.lr
+    unlearn = replace(scenario_config(args.scenario, args.max_length, args.seed), **overrides)
     opts = DemoOptions(scenario=args.scenario, forget_class=args.forget_class, seed=args.seed,
-                       train_steps=args.train_steps, max_length=args.max_length, unlearn=unlearn, quick=args.quick)
+                       train_epochs=args.train_epochs, max_length=args.max_length, unlearn=unlearn, quick=args.quick)
     out = Path(args.out)
-    report = run_demo(opts, out)
+    report = run_demo(opts, out, cache=Path(args.cache) if args.cache else None)
     print(markdown_table(report))
     print(f"wrote {out / 'report.json'}, {out / 'report.md'} and {out / 'report.png'}")
     return 0
@@ -110,14 +112,16 @@ def main(argv=None):
     d.add_argument("--scenario", choices=["class", "noisy", "random"], default="class")
     d.add_argument("--forget-class", default="tech", help="class scenario: the class to forget")
     d.add_argument("--seed", type=int, default=0)
-    d.add_argument("--out", default="runs/demo", help="output folder (models are cached in <out>/cache)")
-    d.add_argument("--train-steps", type=int, default=60, help="steps (batch 32) of the original and of retraining")
-    d.add_argument("--steps", type=int, default=10, help="unlearning steps of every method")
-    d.add_argument("--gamma", type=float, default=1.0)
-    d.add_argument("--temperature", type=float, default=0.5)
-    d.add_argument("--lr", type=float, default=5e-5)
-    d.add_argument("--views", type=int, default=2)
-    d.add_argument("--embedding", choices=["cls", "mean", "pooler"], default="cls")
+    d.add_argument("--out", default="runs/demo", help="output folder")
+    d.add_argument("--cache", default=None, help="folder of the cached trained models (default <out>/cache)")
+    d.add_argument("--train-epochs", type=float, default=2.0, help="epochs (batch 32) of the original and retraining")
+    tuned = "default: the scenario's tuned setting"
+    d.add_argument("--steps", type=int, default=None, help=f"most unlearning steps of every method ({tuned})")
+    d.add_argument("--gamma", type=float, default=None, help=tuned)
+    d.add_argument("--temperature", type=float, default=None, help=tuned)
+    d.add_argument("--lr", type=float, default=None, help=tuned)
+    d.add_argument("--views", type=int, default=None, help=tuned)
+    d.add_argument("--embedding", choices=["cls", "mean", "pooler"], default=None, help=tuned)
     d.add_argument("--max-length", type=int, default=64)
     d.add_argument("--quick", action="store_true", help="300 documents and a few steps: a smoke test")
     d.set_defaults(func=demo)

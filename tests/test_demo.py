@@ -3,7 +3,7 @@ import json
 
 import pytest
 
-from deepcut_fast.unlearning.demo import METHOD_ORDER, DemoOptions, run_demo
+from deepcut_fast.unlearning.demo import METHOD_ORDER, DemoOptions, prepare_data, run_demo
 
 
 @pytest.fixture(scope="module")
@@ -30,7 +30,7 @@ def test_report_covers_every_method(quick_run):
 def test_rerun_uses_the_cached_models(quick_run):
     out, report = quick_run
     cached = sorted(p.name for p in (out / "cache").iterdir())
-    assert cached == ["original-class-seed0", "retrain-class-seed0", "retrain-class-seed1000"]
+    assert cached == ["original-clean-seed0-quick", "retrain-class-seed0-quick", "retrain-class-seed1-quick"]
     again = run_demo(DemoOptions(quick=True), out, progress=False)
     for name in ("original", "retrain", "retrain_seed2"):  # same models, same figures
         assert again["summary"][name]["test_f1"] == pytest.approx(report["summary"][name]["test_f1"])
@@ -39,3 +39,13 @@ def test_rerun_uses_the_cached_models(quick_run):
 def test_unknown_scenario():
     with pytest.raises(ValueError, match="scenario must be one of"):
         DemoOptions(scenario="everything")
+
+
+def test_seeds_vary_training_not_the_forget_set():
+    first, second = (prepare_data(DemoOptions(scenario="noisy", seed=seed, quick=True)) for seed in (0, 1))
+    assert first[2] == second[2] and first[0].labels == second[0].labels
+    train, _, chosen, notes = first
+    relabelled = [train.labels[i] for i in chosen]
+    assert all(wrong != notes["true_labels"][train.ids[i]] for i, wrong in zip(chosen, relabelled))
+    other_data_seed = prepare_data(DemoOptions(scenario="noisy", data_seed=1, quick=True))
+    assert other_data_seed[2] != first[2]

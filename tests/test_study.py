@@ -1,0 +1,31 @@
+"""The unlearning study's aggregation and target checks, on made-up per-seed summaries."""
+import pytest
+
+from benchmarks.unlearning_study import aggregate, markdown, targets
+from deepcut_fast.unlearning.demo import METHOD_ORDER
+
+
+def _report(deepcut_seconds, deepcut_recall, retrain_seconds=100.0):
+    rows = {m: dict(forget_f1=90.0, test_f1=95.0, mia_loss_auc=0.5, distance_to_retrain=0.1, seconds=50.0,
+                    forgotten_class_recall_train=50.0, forgotten_class_recall_test=50.0, other_classes_test_f1=96.0)
+            for m in METHOD_ORDER}
+    rows["retrain"].update(seconds=retrain_seconds, distance_to_retrain=0.0, forgotten_class_recall_train=0.0)
+    rows["deepcut"].update(seconds=deepcut_seconds, forgotten_class_recall_train=deepcut_recall,
+                           distance_to_retrain=0.05, other_classes_test_f1=95.0)
+    return {"summary": rows}
+
+
+def test_aggregate_is_mean_and_sample_sd():
+    stats = aggregate([_report(20.0, 1.0), _report(30.0, 3.0)])
+    assert stats["deepcut"]["seconds"] == pytest.approx((25.0, 7.0710678))
+    assert stats["retrain"]["seconds"] == (100.0, 0.0)
+
+
+def test_class_targets():
+    checks = targets("class", [_report(20.0, 1.0), _report(30.0, 2.0)])
+    assert checks["forgotten-class recall, training docs (%)"] == (1.5, 2.0, True)
+    assert checks["time / retrain time"] == pytest.approx((0.25, 0.25, True))
+    assert checks["other classes' test F1 gap to retrain (points)"] == (1.0, 0.5, False)
+    assert checks["distance to retrain (closest baseline)"] == (0.05, 0.1, True)
+    assert "| forgotten-class recall, training docs (%) | 1.500 | 2.000 | yes |" in markdown(
+        {"class": dict(seeds=[0, 1], aggregate=aggregate([_report(20.0, 1.0)] * 2), targets=checks)})
