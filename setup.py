@@ -44,6 +44,7 @@ setup(
         "transformers>=4.40",
         "scikit-learn>=1.3",
         "tqdm>=4.60",
+        "nervaluate>=1.0",
         "ninja",
     ],
     entry_points={"console_scripts": ["deepcut-fast = deepcut_fast.cli:main"]},

@@ -5,6 +5,8 @@
   report.md and report.png.
 - ``deepcut-fast unlearn``: DeepCUT on your own fine-tuned model and data; saves the
   unlearned model (save_pretrained) and a report; an interrupted run resumes.
+- ``deepcut-fast evaluate``: a model's utility and membership figures on the forget, retain
+  and test sets, and their gaps to a reference (e.g. retrained) model.
 - ``deepcut-fast check``: the loss on every backend available here against the float64
   reference (loss, gradient error, time).
 """
@@ -87,21 +89,68 @@ def demo(args):
     return 0
 
 
+def _data_options(args):
+    """(forget spec, column names) of the unlearn / evaluate arguments."""
+    specs = dict(ids_file=args.forget_ids, column=args.forget_column, forget_class=args.forget_class)
+    if args.task == "token":
+        columns = dict(tokens_column=args.tokens_column, tags_column=args.tags_column, id_column=args.id_column)
+    else:
+        columns = dict(text_column=args.text_column, label_column=args.label_column, id_column=args.id_column)
+    return {k: v for k, v in specs.items() if v}, columns
+
+
 def unlearn(args):
     from deepcut_fast.unlearning.job import run_unlearn_job
     from deepcut_fast.unlearning.unlearner import UnlearnConfig
 
-    specs = dict(ids_file=args.forget_ids, column=args.forget_column, forget_class=args.forget_class)
+    embedding = args.embedding or ("token" if args.task == "token" else "cls")
     config = UnlearnConfig(gamma=args.gamma, temperature=args.temperature, steps=args.steps, learning_rate=args.lr,
-                           views=args.views, embedding=args.embedding, layer=args.layer, max_length=args.max_length,
+                           views=args.views, embedding=embedding, layer=args.layer, max_length=args.max_length,
                            stop_forget_accuracy=args.stop_forget_accuracy, seed=args.seed)
-    columns = dict(text_column=args.text_column, label_column=args.label_column, id_column=args.id_column)
-    report = run_unlearn_job(args.model, args.data, args.out, config, {k: v for k, v in specs.items() if v},
-                             test_path=args.test, columns=columns, checkpoint_every=args.checkpoint_every)
+    spec, columns = _data_options(args)
+    report = run_unlearn_job(args.model, args.data, args.out, config, spec, test_path=args.test, columns=columns,
+                             checkpoint_every=args.checkpoint_every, task=args.task)
     forget_acc = report["metrics"]["forget"]["accuracy"]
     print(f"unlearned {report['sizes']['forget']} samples in {len(report['history'])} steps; "
           f"forget accuracy {100 * forget_acc:.1f}%; wrote {args.out}/model and {args.out}/report.json")
     return 0
+
+
+def evaluate(args):
+    from deepcut_fast.unlearning.job import run_evaluate_job
+
+    spec, columns = _data_options(args)
+    report = run_evaluate_job(args.model, args.data, args.test, args.out, spec, reference_dir=args.reference,
+                              columns=columns, max_length=args.max_length, task=args.task)
+    gaps = report.get("gap_to_reference", {})
+    print(f"{'set':<8} {'accuracy':>9} {'macro-F1':>9}")
+    for name in ("forget", "retain", "test"):
+        if name in report["metrics"]:
+            m = report["metrics"][name]
+            print(f"{name:<8} {100 * m['accuracy']:>9.1f} {100 * m['macro_f1']:>9.1f}")
+    for key in ("mia_loss_auc", "mia_svc_efficacy"):
+        if key in report["metrics"]:
+            print(f"{key}: {report['metrics'][key]:.3f}")
+    if gaps:
+        print(f"distance to the reference model: {gaps['distance']:.4f}")
+    print(f"wrote {args.out}")
+    return 0
+
+
+def _add_data_arguments(parser):
+    parser.add_argument("--data", required=True, help="training data (.csv or .jsonl; token task: .jsonl)")
+    parser.add_argument("--test", default=None, help="held-out data for the membership-inference figures")
+    parser.add_argument("--task", choices=["sequence", "token"], default="sequence",
+                        help="sequence classification, or token classification (word and tag lists)")
+    parser.add_argument("--text-column", default="text")
+    parser.add_argument("--label-column", default="label")
+    parser.add_argument("--tokens-column", default="tokens", help="token task: the column of word lists")
+    parser.add_argument("--tags-column", default="tags", help="token task: the column of tag lists")
+    parser.add_argument("--id-column", default=None)
+    which = parser.add_mutually_exclusive_group(required=True)
+    which.add_argument("--forget-ids", help="file with one row id per line")
+    which.add_argument("--forget-column", help="boolean column marking the rows to forget")
+    which.add_argument("--forget-class", help="forget every row of this class (sequence task)")
 
 
 def main(argv=None):
@@ -127,28 +176,28 @@ def main(argv=None):
     d.set_defaults(func=demo)
     u = sub.add_parser("unlearn", help="DeepCUT on your fine-tuned model and data")
     u.add_argument("--model", required=True, help="directory of a fine-tuned transformers classifier")
-    u.add_argument("--data", required=True, help="training data (.csv or .jsonl)")
-    u.add_argument("--test", default=None, help="held-out data for the membership-inference figures")
     u.add_argument("--out", required=True, help="output folder; rerun with the same one to resume")
-    u.add_argument("--text-column", default="text")
-    u.add_argument("--label-column", default="label")
-    u.add_argument("--id-column", default=None)
-    which = u.add_mutually_exclusive_group(required=True)
-    which.add_argument("--forget-ids", help="file with one row id per line")
-    which.add_argument("--forget-column", help="boolean column marking the rows to forget")
-    which.add_argument("--forget-class", help="forget every row of this class")
+    _add_data_arguments(u)
     u.add_argument("--steps", type=int, default=10)
     u.add_argument("--gamma", type=float, default=1.0)
     u.add_argument("--temperature", type=float, default=0.5)
     u.add_argument("--lr", type=float, default=5e-5)
     u.add_argument("--views", type=int, default=2)
-    u.add_argument("--embedding", choices=["cls", "mean", "pooler"], default="cls")
+    u.add_argument("--embedding", choices=["cls", "mean", "pooler", "token"], default=None,
+                   help="default: token for the token task, cls otherwise")
     u.add_argument("--layer", type=int, default=-1)
     u.add_argument("--max-length", type=int, default=96)
     u.add_argument("--stop-forget-accuracy", type=float, default=None)
     u.add_argument("--checkpoint-every", type=int, default=5)
     u.add_argument("--seed", type=int, default=0)
     u.set_defaults(func=unlearn)
+    e = sub.add_parser("evaluate", help="forget / retain / test figures of a model, and gaps to a reference")
+    e.add_argument("--model", required=True, help="directory of the model to evaluate")
+    e.add_argument("--reference", default=None, help="directory of the reference (e.g. retrained) model")
+    e.add_argument("--out", required=True, help="report file (JSON)")
+    _add_data_arguments(e)
+    e.add_argument("--max-length", type=int, default=96)
+    e.set_defaults(func=evaluate)
     p = sub.add_parser("check", help="run every available backend against the reference")
     p.add_argument("--rows", type=int, default=512, help="anchor rows (samples x views)")
     p.add_argument("--dim", type=int, default=384, help="embedding size (MiniLM: 384)")

@@ -1,8 +1,11 @@
 """How well a model forgot: utility, per-class recall and membership inference (scikit-learn).
 
-- accuracy and macro-F1 on the forget, retain and test sets, and per-class recall;
+- accuracy and macro-F1 on the forget, retain and test sets, and per-class recall; for token
+  classification, entity-level figures (nervaluate, strict span-and-type matching): micro
+  entity F1, macro-F1 over entity types and recall per type, with word-level tag accuracy;
 - loss-threshold membership inference: the ROC AUC of telling forget samples (members of the
-  original training set) from test samples (non-members) by their loss. 0.5 means the forget
+  original training set) from test samples (non-members) by their loss (a sentence's loss is
+  the mean over its words). 0.5 means the forget
   set looks like unseen data, as it does to a model retrained without it;
 - "MIA efficacy" (the confidence-based attack of the unlearning literature): an SVC learns to
   tell retain samples (members) from test samples (non-members) from the model's confidence
@@ -16,13 +19,22 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-from deepcut_fast.unlearning.model import encode
+from deepcut_fast.unlearning.model import encode, first_subword_positions
 
 SETS = ("forget", "retain", "test")
 
 
+def _true_prob(probs, labels):
+    return probs[np.arange(len(labels)), labels]
+
+
+def _entropy(probs):
+    return -(probs * np.log(np.clip(probs, 1e-12, None))).sum(-1)
+
+
 @dataclass
 class Predictions:
+    """Sequence classification: one prediction per sample."""
     labels: np.ndarray  # true class ids
     probs: np.ndarray  # softmax probabilities [n, classes]
 
@@ -32,27 +44,84 @@ class Predictions:
 
     @property
     def losses(self):
-        return -np.log(np.clip(self.probs[np.arange(len(self.labels)), self.labels], 1e-12, None))
+        """Per sample."""
+        return -np.log(np.clip(_true_prob(self.probs, self.labels), 1e-12, None))
+
+    def confidence_features(self):
+        """Per sample: probability of the true class and prediction entropy."""
+        return np.c_[_true_prob(self.probs, self.labels), _entropy(self.probs)]
+
+
+@dataclass
+class TokenPredictions:
+    """Token classification: per sentence, the tag ids and probabilities of its words."""
+    labels: list  # [n_words] int arrays, one per sentence
+    probs: list  # [n_words, tags] arrays
+
+    def _per_sentence(self, values):
+        return np.array([np.mean(values(p, y)) if len(y) else 0.0 for p, y in zip(self.probs, self.labels)])
+
+    @property
+    def losses(self):
+        """Per sentence: the mean word loss."""
+        return self._per_sentence(lambda p, y: -np.log(np.clip(_true_prob(p, y), 1e-12, None)))
+
+    def confidence_features(self):
+        """Per sentence: mean true-tag probability and mean entropy over its words."""
+        return np.c_[self._per_sentence(_true_prob), self._per_sentence(lambda p, y: _entropy(p))]
 
 
 @torch.no_grad()
-def predict(model, tokenizer, data, batch_size=64, max_length=96) -> Predictions:
-    """Class probabilities of ``data`` (a TextDataset) with dropout off."""
+def predict(model, tokenizer, data, batch_size=64, max_length=96):
+    """Predictions of ``data`` (a TextDataset) with dropout off: Predictions for texts,
+    TokenPredictions for word lists (words cut off by ``max_length`` are not scored)."""
     was_training = model.training
     model.eval()
     device = next(model.parameters()).device
-    probs = []
+    probs, labels = [], []
     for start in range(0, len(data), batch_size):
-        logits = model(**encode(tokenizer, data.texts[start:start + batch_size], max_length, device)).logits
-        probs.append(F.softmax(logits.float(), -1).cpu().numpy())
+        texts = data.texts[start:start + batch_size]
+        batch_probs = F.softmax(model(**encode(tokenizer, texts, max_length, device)).logits.float(), -1).cpu().numpy()
+        if not data.token_level:
+            probs.append(batch_probs)
+            continue
+        for b, positions in enumerate(first_subword_positions(tokenizer, texts, max_length)):
+            probs.append(batch_probs[b, positions])
+            labels.append(np.asarray(data.labels[start + b][:len(positions)], dtype=np.int64))
     model.train(was_training)
+    if data.token_level:
+        return TokenPredictions(labels, probs)
     return Predictions(np.asarray(data.labels), np.concatenate(probs) if probs else np.zeros((0, 0)))
 
 
-def classification_metrics(p: Predictions, label_names):
-    """Accuracy, macro-F1 (over the classes present in the set) and recall of every class."""
+def entity_metrics(p: TokenPredictions, label_names):
+    """Entity-level figures from BIO/IOB2 tags (strict: span and type must both match): micro
+    entity F1, macro-F1 over the entity types present in the gold tags, recall of every type,
+    and word-level tag accuracy."""
+    from nervaluate import Evaluator
+
+    names = np.asarray(label_names, dtype=object)
+    gold = [list(names[y]) for y in p.labels]
+    guess = [list(names[probs.argmax(1)]) if len(probs) else [] for probs in p.probs]
+    types = sorted({t.split("-", 1)[1] for t in label_names if "-" in t})
+    result = Evaluator(gold, guess, tags=types, loader="list").evaluate()
+    per_type = {t: result["entities"][t]["strict"] for t in types}
+    present = [t for t in types if per_type[t].possible > 0]
+    words = np.concatenate(p.labels) if p.labels else np.zeros(0, dtype=np.int64)
+    guessed = np.concatenate([probs.argmax(1) for probs in p.probs]) if p.probs else words
+    return dict(accuracy=float((words == guessed).mean()) if len(words) else 0.0,
+                macro_f1=float(np.mean([per_type[t].f1 for t in present])) if present else 0.0,
+                entity_f1=float(result["overall"]["strict"].f1),
+                recall={t: float(per_type[t].recall) for t in present})
+
+
+def classification_metrics(p, label_names):
+    """Accuracy, macro-F1 (over the classes present in the set) and recall of every class
+    (entity-level figures for TokenPredictions: ``entity_metrics``)."""
     from sklearn.metrics import accuracy_score, f1_score, recall_score
 
+    if isinstance(p, TokenPredictions):
+        return entity_metrics(p, label_names)
     classes = list(range(len(label_names)))
     present = sorted(set(p.labels.tolist()))
     recall = recall_score(p.labels, p.predicted, labels=classes, average=None, zero_division=0)
@@ -69,12 +138,6 @@ def loss_mia_auc(forget: Predictions, test: Predictions):
     return float(roc_auc_score(y, -np.r_[forget.losses, test.losses]))  # lower loss: "member"
 
 
-def _confidence_features(p: Predictions):
-    true_prob = p.probs[np.arange(len(p.labels)), p.labels]
-    entropy = -(p.probs * np.log(np.clip(p.probs, 1e-12, None))).sum(1)
-    return np.c_[true_prob, entropy]
-
-
 def svc_mia_efficacy(retain: Predictions, test: Predictions, forget: Predictions, seed=0):
     """Share of forget samples that an SVC trained on retain (member) vs test (non-member)
     confidence features calls non-members. Classes are balanced by subsampling retain."""
@@ -82,11 +145,11 @@ def svc_mia_efficacy(retain: Predictions, test: Predictions, forget: Predictions
 
     rng = np.random.default_rng(seed)
     n = min(len(retain.labels), len(test.labels))
-    members = _confidence_features(retain)[rng.choice(len(retain.labels), n, replace=False)]
-    x = np.r_[members, _confidence_features(test)[:n]]
+    members = retain.confidence_features()[rng.choice(len(retain.labels), n, replace=False)]
+    x = np.r_[members, test.confidence_features()[:n]]
     y = np.r_[np.ones(n), np.zeros(n)]
     attack = SVC(C=3, gamma="auto", kernel="rbf").fit(x, y)
-    return float((attack.predict(_confidence_features(forget)) == 0).mean())
+    return float((attack.predict(forget.confidence_features()) == 0).mean())
 
 
 def report_from_predictions(preds, label_names):

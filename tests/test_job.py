@@ -66,3 +66,49 @@ def test_labels_outside_the_models_classes(saved, tmp_path):
     with pytest.raises(ValueError, match=r"labels \['weather'\] are not among the classes"):
         main(["unlearn", "--model", str(saved / "model"), "--data", str(bad), "--out", str(tmp_path / "o"),
               "--forget-class", "tech"])
+
+
+def evaluate_cli(saved, model, out, *extra):
+    return main(["evaluate", "--model", str(model), "--data", str(saved / "train.csv"), "--id-column", "id",
+                 "--out", str(out), "--max-length", "32", "--forget-class", "tech", *extra])
+
+
+def test_evaluate_against_a_reference(saved, tmp_path):
+    run(saved, tmp_path / "unlearned", "--forget-class", "tech", "--steps", "20")
+    test_csv = saved / "train.csv"  # only the figures' plumbing is under test here, not their meaning
+    assert evaluate_cli(saved, saved / "model", tmp_path / "self.json", "--test", str(test_csv),
+                        "--reference", str(saved / "model")) == 0
+    same = json.loads((tmp_path / "self.json").read_text())
+    assert same["gap_to_reference"]["distance"] == 0 and same["sizes"] == {"forget": 24, "retain": 48}
+    evaluate_cli(saved, tmp_path / "unlearned" / "model", tmp_path / "after.json", "--test", str(test_csv),
+                 "--reference", str(saved / "model"))
+    after = json.loads((tmp_path / "after.json").read_text())
+    gap = after["gap_to_reference"]["forget_accuracy"]
+    assert gap == pytest.approx(100 * abs(after["metrics"]["forget"]["accuracy"] -
+                                          after["reference_metrics"]["forget"]["accuracy"]))
+    assert after["metrics"]["forget"]["accuracy"] <= 0.1 and gap >= 90
+
+
+def test_evaluate_reference_needs_a_test_set(saved, tmp_path):
+    with pytest.raises(ValueError, match="needs a test set"):
+        evaluate_cli(saved, saved / "model", tmp_path / "r.json", "--reference", str(saved / "model"))
+
+
+def test_unlearn_token_task_from_jsonl(tmp_path):
+    from tiny_models import toy_ner_corpus
+
+    tok = tokenizer()
+    data = toy_ner_corpus(24)
+    model = fine_tune(tiny_bert(data.label_names, tok.vocab_size, task="token"), tok, data, steps=30)
+    model.save_pretrained(tmp_path / "model")
+    tok.save_pretrained(tmp_path / "model")
+    rows = [dict(id=i, tokens=w, tags=[data.label_names[t] for t in y], forget=n < 4)
+            for n, (i, w, y) in enumerate(zip(data.ids, data.texts, data.labels))]
+    (tmp_path / "ner.jsonl").write_text("\n".join(json.dumps(r) for r in rows))
+    assert main(["unlearn", "--task", "token", "--model", str(tmp_path / "model"), "--data", str(tmp_path / "ner.jsonl"),
+                 "--test", str(tmp_path / "ner.jsonl"), "--id-column", "id", "--forget-column", "forget",
+                 "--out", str(tmp_path / "out"), "--steps", "3", "--max-length", "32"]) == 0
+    report = json.loads((tmp_path / "out" / "report.json").read_text())
+    assert report["config"]["embedding"] == "token" and report["sizes"] == {"forget": 4, "retain": 20}
+    assert set(report["metrics"]["forget"]["recall"]) <= {"PER", "LOC"} and 0 <= report["metrics"]["mia_loss_auc"] <= 1
+    assert (tmp_path / "out" / "model" / "config.json").exists()

@@ -43,16 +43,42 @@ def tiny_bert(label_names, vocab_size, task="sequence", seed=0):
 
 
 def fine_tune(model, tok, data, steps=60, lr=2e-3, seed=0):
-    """Plain CE training until the toy corpus is memorised (the 'original' model)."""
+    """Plain CE training until a toy corpus (texts or tagged word lists) is memorised (the
+    'original' model)."""
+    from deepcut_fast.unlearning.model import encode_labelled
+
     torch.manual_seed(seed)
     optimizer = torch.optim.AdamW(model.parameters(), lr=lr)
     model.train()
     for step in range(steps):
         idx = torch.randperm(len(data))[:32].tolist()
-        enc = tok([data.texts[i] for i in idx], padding=True, return_tensors="pt")
-        loss = model(**enc, labels=torch.tensor([data.labels[i] for i in idx])).loss
+        inputs, labels = encode_labelled(tok, [data.texts[i] for i in idx], [data.labels[i] for i in idx], 64, "cpu")
+        loss = model(**inputs, labels=labels).loss
         optimizer.zero_grad()
         loss.backward()
         optimizer.step()
     model.eval()
     return model
+
+
+PEOPLE = ["john smith", "mary jones", "peter brown", "anna white"]
+PLACES = ["paris", "london", "berlin", "madrid"]
+FILLER = ["met", "in", "today", "visited", "with", "the", "team", "near"]
+
+
+def toy_ner_corpus(sentences=48, seed=0, people=PEOPLE, places=PLACES):
+    """Word lists tagged O / B-PER / I-PER / B-LOC: a person and a place among filler words."""
+    rng = random.Random(seed)
+    names = ["B-LOC", "B-PER", "I-PER", "O"]
+    ids, texts, labels = [], [], []
+    for i in range(sentences):
+        words, tags = [], []
+        for part in rng.sample([rng.choice(people), rng.choice(places)] + rng.choices(FILLER, k=3), 5):
+            span = part.split()
+            kind = "PER" if part in people else "LOC" if part in places else None
+            words += span
+            tags += ["O"] * len(span) if kind is None else [f"B-{kind}"] + [f"I-{kind}"] * (len(span) - 1)
+        ids.append(f"s{i}")
+        texts.append(words)
+        labels.append([names.index(t) for t in tags])
+    return TextDataset(ids, texts, labels, names)

@@ -20,7 +20,9 @@ FALSE_WORDS = {"0", "false", "no", "n", "f", ""}
 
 @dataclass
 class TextDataset:
-    """Texts with class ids; ``ids`` name the rows (used by forget requests)."""
+    """Texts with class ids; ``ids`` name the rows (used by forget requests). For token
+    classification each text is a list of words and each label a list of tag ids, one per word
+    (``load_token_table``)."""
     ids: list
     texts: list
     labels: list
@@ -29,6 +31,10 @@ class TextDataset:
 
     def __len__(self):
         return len(self.texts)
+
+    @property
+    def token_level(self):
+        return bool(self.texts) and isinstance(self.texts[0], (list, tuple))
 
     def partition(self, indices: Sequence[int]):
         """(the rows at ``indices``, every other row), e.g. (forget, retain)."""
@@ -58,6 +64,36 @@ def _rows_from_dataset(dataset):
     return [{name: columns[name][i] for name in names} for i in range(len(dataset))]
 
 
+def _read_rows(source, needed):
+    rows = _rows_from_file(Path(source)) if isinstance(source, (str, Path)) else _rows_from_dataset(source)
+    if not rows:
+        raise ValueError(f"{source}: no rows")
+    for column in needed:
+        if column not in rows[0]:
+            raise ValueError(f"column {column!r} not found; columns are {sorted(rows[0])}")
+    return rows
+
+
+def _class_ids(raw, label_names):
+    """(class id of each raw label, label names): names or ids; unknown ones fail."""
+    if label_names is None:
+        label_names = sorted({str(v) for v in raw}, key=lambda v: (not v.isdigit(), int(v) if v.isdigit() else v))
+    index = {str(name): i for i, name in enumerate(label_names)}
+    unknown = sorted({str(v) for v in raw} - set(index) - {str(i) for i in range(len(label_names))})
+    if unknown:
+        raise ValueError(f"labels {unknown[:5]} are not among the classes {list(label_names)}")
+    return [index[str(v)] if str(v) in index else int(v) for v in raw], [str(n) for n in label_names]
+
+
+def _dataset(rows, texts, labels, label_names, used_columns, id_column):
+    ids = [str(row[id_column]) for row in rows] if id_column else [str(i) for i in range(len(rows))]
+    if len(set(ids)) != len(ids):
+        raise ValueError(f"column {id_column!r} has duplicate ids")
+    skip = set(used_columns) | {id_column}
+    columns = {name: [row[name] for row in rows] for name in rows[0] if name not in skip}
+    return TextDataset(ids, texts, labels, label_names, columns)
+
+
 def load_table(source, *, text_column="text", label_column="label", id_column=None,
                label_names: Optional[Sequence[str]] = None) -> TextDataset:
     """Rows of a CSV/JSONL file or a ``datasets.Dataset`` as a TextDataset.
@@ -66,26 +102,32 @@ def load_table(source, *, text_column="text", label_column="label", id_column=No
     (e.g. the model's ``id2label``); without it, the sorted distinct labels are used. Rows
     without an id column are named by their position ("0", "1", ...).
     """
-    rows = _rows_from_file(Path(source)) if isinstance(source, (str, Path)) else _rows_from_dataset(source)
-    if not rows:
-        raise ValueError(f"{source}: no rows")
-    for column in (text_column, label_column) + ((id_column,) if id_column else ()):
-        if column not in rows[0]:
-            raise ValueError(f"column {column!r} not found; columns are {sorted(rows[0])}")
-    raw = [row[label_column] for row in rows]
-    if label_names is None:
-        label_names = sorted({str(v) for v in raw}, key=lambda v: (not v.isdigit(), int(v) if v.isdigit() else v))
-    index = {str(name): i for i, name in enumerate(label_names)}
-    unknown = sorted({str(v) for v in raw} - set(index) - {str(i) for i in range(len(label_names))})
-    if unknown:
-        raise ValueError(f"labels {unknown[:5]} are not among the classes {list(label_names)}")
-    labels = [index[str(v)] if str(v) in index else int(v) for v in raw]
-    ids = [str(row[id_column]) for row in rows] if id_column else [str(i) for i in range(len(rows))]
-    if len(set(ids)) != len(ids):
-        raise ValueError(f"column {id_column!r} has duplicate ids")
-    skip = {text_column, label_column, id_column}
-    columns = {name: [row[name] for row in rows] for name in rows[0] if name not in skip}
-    return TextDataset(ids, [str(row[text_column]) for row in rows], labels, [str(n) for n in label_names], columns)
+    rows = _read_rows(source, (text_column, label_column) + ((id_column,) if id_column else ()))
+    labels, label_names = _class_ids([row[label_column] for row in rows], label_names)
+    return _dataset(rows, [str(row[text_column]) for row in rows], labels, label_names,
+                    (text_column, label_column), id_column)
+
+
+def load_token_table(source, *, tokens_column="tokens", tags_column="tags", id_column=None,
+                     label_names: Optional[Sequence[str]] = None) -> TextDataset:
+    """Token classification rows (a JSONL file or a ``datasets.Dataset``): a list of words and a
+    list of tags of the same length per row. Tags are names (BIO/IOB2: "O", "B-PER", ...) or
+    ids into ``label_names``; without ``label_names``, the sorted distinct tag names are used."""
+    rows = _read_rows(source, (tokens_column, tags_column) + ((id_column,) if id_column else ()))
+    for i, row in enumerate(rows):
+        words, tags = row[tokens_column], row[tags_column]
+        if not isinstance(words, (list, tuple)) or not isinstance(tags, (list, tuple)):
+            raise ValueError(f"row {i}: {tokens_column!r} and {tags_column!r} must be lists (of words, of tags)")
+        if len(words) != len(tags):
+            raise ValueError(f"row {i}: {len(words)} words but {len(tags)} tags")
+    flat, bounds = [], [0]
+    for row in rows:
+        flat += list(row[tags_column])
+        bounds.append(len(flat))
+    ids, label_names = _class_ids(flat, label_names)
+    tags = [ids[a:b] for a, b in zip(bounds, bounds[1:])]
+    return _dataset(rows, [[str(w) for w in row[tokens_column]] for row in rows], tags, label_names,
+                    (tokens_column, tags_column), id_column)
 
 
 def bbc_news_root() -> Path:
@@ -163,6 +205,9 @@ def forget_indices(train: TextDataset, *, ids: Optional[Iterable[str]] = None, i
             raise ValueError(f"forget column {column!r} not found; columns are {sorted(train.columns)}")
         chosen = [i for i, v in enumerate(train.columns[column]) if _as_bool(v, column)]
     else:
+        if train.token_level:
+            raise ValueError("forget_class is class unlearning of a sequence classifier; for token "
+                             "classification give the sentences to forget (ids, ids_file or column)")
         if forget_class not in train.label_names:
             raise ValueError(f"forget_class {forget_class!r} is not a class; classes are {train.label_names}")
         target = train.label_names.index(forget_class)

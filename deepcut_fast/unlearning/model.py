@@ -34,9 +34,40 @@ def load_classifier(path, label_names, task="sequence"):
 
 
 def encode(tokenizer, texts, max_length, device):
-    """A padded, truncated batch of ``texts`` as tensors on ``device``."""
-    enc = tokenizer(list(texts), padding=True, truncation=True, max_length=max_length, return_tensors="pt")
+    """A padded, truncated batch of ``texts`` as tensors on ``device``. Texts given as word lists
+    (token classification) are tokenised word by word (a fast tokenizer is needed)."""
+    words = bool(texts) and isinstance(texts[0], (list, tuple))
+    enc = tokenizer(list(texts), padding=True, truncation=True, max_length=max_length, return_tensors="pt",
+                    is_split_into_words=words)
     return {k: v.to(device) for k, v in enc.items()}
+
+
+def first_subword_positions(tokenizer, words_batch, max_length):
+    """For each sentence, the token position of each word's first subword, for the words that
+    survive truncation (the word ``i`` of a sentence is at ``positions[i]``)."""
+    enc = tokenizer(list(words_batch), truncation=True, max_length=max_length, is_split_into_words=True)
+    positions = []
+    for b in range(len(words_batch)):
+        seen, first = set(), []
+        for pos, word in enumerate(enc.word_ids(b)):
+            if word is not None and word not in seen:
+                seen.add(word)
+                first.append(pos)
+        positions.append(first)
+    return positions
+
+
+def encode_labelled(tokenizer, texts, labels, max_length, device):
+    """(inputs, labels tensor) of a training batch. Sequence classification: labels [B].
+    Token classification (texts are word lists, labels one tag id per word): labels [B, T] with
+    each word's tag on its first subword and -100 on other subwords, special tokens and padding."""
+    inputs = encode(tokenizer, texts, max_length, device)
+    if not (texts and isinstance(texts[0], (list, tuple))):
+        return inputs, torch.tensor(labels, device=device)
+    tags = torch.full(inputs["input_ids"].shape, -100, dtype=torch.long)
+    for b, positions in enumerate(first_subword_positions(tokenizer, texts, max_length)):
+        tags[b, positions] = torch.tensor(labels[b][:len(positions)], dtype=torch.long)
+    return inputs, tags.to(device)
 
 
 def embed(model, outputs, attention_mask, kind="cls", layer=-1):

@@ -15,10 +15,10 @@ from typing import Optional
 import torch
 import torch.nn.functional as F
 
-from deepcut_fast.evaluation import predict
+from deepcut_fast.evaluation import classification_metrics, predict
 from deepcut_fast.loss import FORGET_PULLS, contrastive_unlearn_loss
 from deepcut_fast.unlearning.data import TextDataset
-from deepcut_fast.unlearning.model import EMBEDDINGS, embed, encode
+from deepcut_fast.unlearning.model import EMBEDDINGS, embed, encode_labelled
 
 
 @dataclass
@@ -102,11 +102,10 @@ class UnlearnResult:
 
 
 def accuracy(model, tokenizer, data: TextDataset, max_length=96):
-    """Accuracy of ``model`` on ``data`` with dropout off."""
+    """Accuracy of ``model`` on ``data`` with dropout off (of word tags, for token data)."""
     if len(data) == 0:
         return 0.0
-    p = predict(model, tokenizer, data, max_length=max_length)
-    return float((p.predicted == p.labels).mean())
+    return classification_metrics(predict(model, tokenizer, data, max_length=max_length), data.label_names)["accuracy"]
 
 
 class Checkpoint:
@@ -173,9 +172,10 @@ def train_steps(model, tokenizer, forget: TextDataset, retain: TextDataset, conf
         f_idx = next_batch("forget", forget, forget_batch_size)
         r_idx = next_batch("retain", retain, retain_batch_size)
         texts = [forget.texts[i] for i in f_idx] + [retain.texts[i] for i in r_idx]
-        labels = torch.tensor([forget.labels[i] for i in f_idx] + [retain.labels[i] for i in r_idx], device=device)
+        inputs, labels = encode_labelled(tokenizer, texts, [forget.labels[i] for i in f_idx] +
+                                         [retain.labels[i] for i in r_idx], config.max_length, device)
         forget_mask = torch.arange(len(texts), device=device) < len(f_idx)
-        loss, parts = step_loss(model, encode(tokenizer, texts, config.max_length, device), labels, forget_mask)
+        loss, parts = step_loss(model, inputs, labels, forget_mask)
         optimizer.zero_grad(set_to_none=True)
         loss.backward()
         optimizer.step()
@@ -196,7 +196,8 @@ def train_steps(model, tokenizer, forget: TextDataset, retain: TextDataset, conf
 
 
 class DeepCUTUnlearner:
-    """Runs DeepCUT on a sequence classifier: ``unlearn(forget, retain)``."""
+    """Runs DeepCUT on a sequence classifier, or on a token classifier with
+    ``embedding="token"`` (word-list data, ``load_token_table``): ``unlearn(forget, retain)``."""
 
     def __init__(self, model, tokenizer, config: Optional[UnlearnConfig] = None):
         self.model = model
@@ -211,6 +212,9 @@ class DeepCUTUnlearner:
         if len(forget) == 0 or len(retain) == 0:
             raise ValueError(f"need forget and retain samples, got {len(forget)} and {len(retain)}")
         cfg = self.config
+        if forget.token_level != (cfg.embedding == "token"):
+            raise ValueError(f"embedding={cfg.embedding!r} does not fit the data: token classification data "
+                             "(word lists) needs embedding='token', text data one of 'cls', 'mean', 'pooler'")
         return train_steps(self.model, self.tokenizer, forget, retain, cfg,
                            lambda model, inputs, labels, mask: deepcut_loss(model, inputs, labels, mask, cfg),
                            progress=progress, desc="DeepCUT", checkpoint=checkpoint)
