@@ -68,6 +68,7 @@ def contrastive_unlearn_loss(
     reduction: str = "mean",
     ignore_index: int = -100,
     backend: str = "auto",
+    process_group=None,
 ) -> Tensor:
     """DeepCUT contrastive unlearning loss.
 
@@ -87,10 +88,14 @@ def contrastive_unlearn_loss(
         normalize: L2-normalise rows first (cosine similarity).
         reduction: "mean" (per group over anchors with positives), "sum" or "none" ([M]).
         ignore_index: label value of rows that are neither anchors nor candidates.
-        backend: "auto", "triton" or "reference".
+        backend: "auto", "triton", "cuda", "cpu" or "reference".
+        process_group: a torch.distributed group (e.g. ``torch.distributed.group.WORLD``): the
+            loss of the global batch, every rank's rows gathered with gradient, as one process
+            would compute it on the concatenation (``deepcut_fast.distributed``); under DDP the
+            step equals the single-process step. Candidates stay local to each rank.
 
     Returns:
-        A scalar (or [M] for reduction="none") in z's dtype.
+        A scalar (or [M] for reduction="none": this rank's rows) in z's dtype.
     """
     _check_embeddings("z", z)
     M, D = z.shape
@@ -118,9 +123,16 @@ def contrastive_unlearn_loss(
         raise ValueError(f"backend must be one of {ops.BACKENDS}, got {backend!r}")
     if not torch.compiler.is_compiling():
         _check_values(z, labels, candidates, candidate_labels, ignore_index)
-    return ops.contrastive_unlearn_loss(
+    local = slice(None)
+    if process_group is not None:
+        from deepcut_fast.distributed import gather_batch
+
+        z, labels, forget_mask, instance_ids, local = gather_batch(z, labels, forget_mask, instance_ids,
+                                                                   process_group)
+    loss = ops.contrastive_unlearn_loss(
         z, labels, forget_mask, instance_ids, candidates, candidate_labels, temperature,
         forget_weight, retain_weight, forget_pull, normalize, reduction, ignore_index, backend)
+    return loss[local] if reduction == "none" else loss
 
 
 class ContrastiveUnlearnLoss(nn.Module):
@@ -128,12 +140,12 @@ class ContrastiveUnlearnLoss(nn.Module):
 
     def __init__(self, *, temperature=0.07, forget_weight=1.0, retain_weight=1.0,
                  forget_pull="logsumexp", normalize=True, reduction="mean", ignore_index=-100,
-                 backend="auto"):
+                 backend="auto", process_group=None):
         super().__init__()
         self.options = dict(temperature=temperature, forget_weight=forget_weight,
                             retain_weight=retain_weight, forget_pull=forget_pull,
                             normalize=normalize, reduction=reduction, ignore_index=ignore_index,
-                            backend=backend)
+                            backend=backend, process_group=process_group)
 
     def forward(self, z, labels, forget_mask, instance_ids=None, candidates=None,
                 candidate_labels=None):

@@ -5,6 +5,7 @@ dropout on, and minimises  CE(retain logits) + gamma * L_contrast  where L_contr
 package's fused loss on the chosen embeddings (the views of one sample share an instance id).
 Token classification uses token embeddings as anchors, with -100 labels ignored.
 """
+import contextlib
 import math
 import os
 import time
@@ -13,10 +14,12 @@ from pathlib import Path
 from typing import Optional
 
 import torch
+import torch.distributed as dist
 import torch.nn.functional as F
 
 from deepcut_fast.evaluation import classification_metrics, predict
 from deepcut_fast.loss import FORGET_PULLS, contrastive_unlearn_loss
+from deepcut_fast.queue import RetainQueue
 from deepcut_fast.unlearning.data import TextDataset
 from deepcut_fast.unlearning.model import EMBEDDINGS, embed, encode_labelled
 
@@ -46,6 +49,10 @@ class UnlearnConfig:
     stop_sample: Optional[int] = 128
     seed: int = 0
     backend: str = "auto"
+    # large batches: gradient caching in chunks of this many samples (None: off), and a queue of
+    # this many recent retain embeddings as extra candidates (0: off)
+    chunk_size: Optional[int] = None
+    queue_size: int = 0
 
     def __post_init__(self):
         if self.views < 1:
@@ -56,7 +63,10 @@ class UnlearnConfig:
             raise ValueError(f"forget_pull must be one of {FORGET_PULLS}, got {self.forget_pull!r}")
         if self.steps is None and self.epochs is None:
             raise ValueError("give steps or epochs")
-        for name in ("forget_batch_size", "retain_batch_size", "max_length", "check_every", "stop_sample"):
+        if self.queue_size < 0:
+            raise ValueError(f"queue_size must be >= 0, got {self.queue_size}")
+        for name in ("forget_batch_size", "retain_batch_size", "max_length", "check_every", "stop_sample",
+                     "chunk_size"):
             if getattr(self, name) is not None and getattr(self, name) < 1:
                 raise ValueError(f"{name} must be >= 1, got {getattr(self, name)}")
 
@@ -66,32 +76,111 @@ class UnlearnConfig:
         return max(1, math.ceil(self.epochs * forget_size / self.forget_batch_size))
 
 
-def deepcut_loss(model, inputs, labels, forget_mask, config: UnlearnConfig):
+def _views(model, inputs, config):
+    """The ``views`` dropout passes of a batch: (embeddings [views * rows, D], [logits per view])."""
+    outputs = [model(**inputs, output_hidden_states=True) for _ in range(config.views)]
+    module = getattr(model, "module", model)  # unwrap DDP for the pooler
+    z = torch.cat([embed(module, o, inputs["attention_mask"], config.embedding, config.layer).flatten(0, -2)
+                   for o in outputs])
+    return z, [o.logits for o in outputs]
+
+
+def _retain_ce_sum(logits, labels, forget_mask):
+    """CE summed over the views and the retain targets (samples, or tokens not labelled -100)."""
+    retain = ~forget_mask
+    return sum(F.cross_entropy(l[retain].flatten(0, -2), labels[retain].flatten(), ignore_index=-100,
+                               reduction="sum") for l in logits)
+
+
+def _retain_targets(labels, forget_mask, views):
+    return max(1, int((labels[~forget_mask] != -100).sum()) * views)
+
+
+def _rows(labels, forget_mask, views, rows=slice(None)):
+    """Labels, forget flags and instance ids of the contrast rows of ``rows`` of the batch, in
+    ``_views`` order (view by view); every sample (or token) keeps one id across its views."""
+    instance = torch.arange(labels.numel(), device=labels.device).view(labels.shape)[rows]
+    row_forget = forget_mask[:, None].expand_as(labels) if labels.dim() == 2 else forget_mask
+    return (labels[rows].flatten().repeat(views), row_forget[rows].flatten().repeat(views),
+            instance.flatten().repeat(views))
+
+
+def _contrast(z, labels, forget, instance, config, queue=None, process_group=None):
+    """The self-case contrastive loss, plus the loss against a retain queue when one is given
+    (then this batch's retain rows join the queue)."""
+    options = dict(temperature=config.temperature, forget_weight=config.forget_weight,
+                   retain_weight=config.retain_weight, forget_pull=config.forget_pull, backend=config.backend)
+    loss = contrastive_unlearn_loss(z, labels, forget, instance_ids=instance, process_group=process_group, **options)
+    if queue is not None:
+        bank, bank_labels = queue.candidates()
+        if bank is not None:
+            loss = loss + contrastive_unlearn_loss(z, labels, forget, candidates=bank.to(z.dtype),
+                                                   candidate_labels=bank_labels, **options)
+        queue.push(z, labels, forget)
+    return loss
+
+
+def _check_labels(labels, config):
+    if (labels.dim() == 2) != (config.embedding == "token"):
+        raise ValueError("token labels [B, T] go with embedding='token', sequence labels [B] with the others")
+
+
+def deepcut_loss(model, inputs, labels, forget_mask, config: UnlearnConfig, queue=None, process_group=None):
     """CE on retain rows + gamma * contrastive loss over ``config.views`` dropout passes.
 
     inputs: tokenised batch (input_ids, attention_mask, ...); labels: [B] class ids, or [B, T]
     token labels with -100 on padding and special tokens; forget_mask: [B] bool.
-    Returns (loss, {"ce": ..., "contrast": ...}).
+    queue: an optional RetainQueue (extra retain candidates); process_group: contrast the
+    global batch across ranks. Returns (loss, {"ce": ..., "contrast": ...}).
     """
-    token_level = labels.dim() == 2
-    if token_level != (config.embedding == "token"):
-        raise ValueError("token labels [B, T] go with embedding='token', sequence labels [B] with the others")
-    outputs = [model(**inputs, output_hidden_states=True) for _ in range(config.views)]
-    retain = ~forget_mask
-    ce = torch.zeros((), device=labels.device)
-    if retain.any():
-        ce = sum(F.cross_entropy(o.logits[retain].flatten(0, -2), labels[retain].flatten(), ignore_index=-100)
-                 for o in outputs) / len(outputs)
-    z = torch.cat([embed(model, o, inputs["attention_mask"], config.embedding, config.layer).flatten(0, -2)
-                   for o in outputs])
-    row_forget = forget_mask[:, None].expand_as(labels) if token_level else forget_mask
-    instance = torch.arange(labels.numel(), device=labels.device)  # one id per sample (or token) ...
-    contrast = contrastive_unlearn_loss(
-        z, labels.flatten().repeat(config.views), row_forget.flatten().repeat(config.views),
-        instance_ids=instance.repeat(config.views),  # ... shared by its views
-        temperature=config.temperature, forget_weight=config.forget_weight, retain_weight=config.retain_weight,
-        forget_pull=config.forget_pull, backend=config.backend)
+    _check_labels(labels, config)
+    z, logits = _views(model, inputs, config)
+    ce = _retain_ce_sum(logits, labels, forget_mask) / _retain_targets(labels, forget_mask, config.views)
+    contrast = _contrast(z, *_rows(labels, forget_mask, config.views), config, queue, process_group)
     return ce + config.gamma * contrast, {"ce": ce.detach(), "contrast": contrast.detach()}
+
+
+def _rng_state(device):
+    return torch.get_rng_state(), torch.cuda.get_rng_state(device) if device.type == "cuda" else None
+
+
+def _set_rng_state(state, device):
+    torch.set_rng_state(state[0])
+    if state[1] is not None:
+        torch.cuda.set_rng_state(state[1], device)
+
+
+def cached_deepcut_step(model, inputs, labels, forget_mask, config: UnlearnConfig, queue=None, process_group=None):
+    """``deepcut_loss`` back-propagated with gradient caching (GradCache): embed the batch in
+    chunks of ``config.chunk_size`` samples without keeping activations, take the contrastive
+    loss and its gradient with respect to all embeddings at once, then re-run each chunk with
+    autograd (same dropout masks: its RNG state is saved) and back-propagate its slice of that
+    gradient together with its share of the CE. Peak activation memory follows the chunk, not
+    the batch. Leaves the gradients in the parameters; returns (detached loss, parts)."""
+    _check_labels(labels, config)
+    device = labels.device
+    chunks = [slice(i, i + config.chunk_size) for i in range(0, labels.shape[0], config.chunk_size)]
+    states, pieces = [], []
+    with torch.no_grad():
+        for rows in chunks:
+            states.append(_rng_state(device))
+            pieces.append(_views(model, {k: v[rows] for k, v in inputs.items()}, config)[0])
+    z = torch.cat(pieces).requires_grad_()
+    meta = [torch.cat(parts) for parts in zip(*(_rows(labels, forget_mask, config.views, rows) for rows in chunks))]
+    contrast = _contrast(z, *meta, config, queue, process_group)
+    (config.gamma * contrast).backward()
+    targets, ce, start = _retain_targets(labels, forget_mask, config.views), 0.0, 0
+    for i, (rows, state) in enumerate(zip(chunks, states)):
+        _set_rng_state(state, device)
+        sync = i == len(chunks) - 1 or not hasattr(model, "no_sync")  # DDP: all-reduce once, at the end
+        with contextlib.nullcontext() if sync else model.no_sync():
+            piece, logits = _views(model, {k: v[rows] for k, v in inputs.items()}, config)
+            chunk_ce = _retain_ce_sum(logits, labels[rows], forget_mask[rows]) / targets
+            ((piece * z.grad[start:start + piece.shape[0]]).sum() + chunk_ce).backward()
+        start += piece.shape[0]
+        ce += chunk_ce.detach()
+    loss = ce + config.gamma * contrast.detach()
+    return loss, {"ce": torch.as_tensor(ce), "contrast": contrast.detach()}
 
 
 @dataclass
@@ -128,13 +217,22 @@ class Checkpoint:
 
 def train_steps(model, tokenizer, forget: TextDataset, retain: TextDataset, config: UnlearnConfig, step_loss,
                 steps=None, forget_batch_size=None, retain_batch_size=None, progress=True, desc="unlearn",
-                checkpoint: Optional[Checkpoint] = None):
+                checkpoint: Optional[Checkpoint] = None, extra_state=None):
     """The loop every method shares: each step draws forget and retain samples (walking seeded
     permutations), tokenises them into one batch, and takes an AdamW step on
-    ``step_loss(model, inputs, labels, forget_mask) -> (loss, parts)``. Applies the config's
+    ``step_loss(model, inputs, labels, forget_mask) -> (loss, parts)`` (a loss without grad
+    means step_loss back-propagated itself, as gradient caching does). Applies the config's
     stopping rule and returns an UnlearnResult with one history record per step. With a
-    ``checkpoint`` whose file exists, the run continues from it instead of starting over."""
+    ``checkpoint`` whose file exists, the run continues from it instead of starting over;
+    ``extra_state`` (state_dict / load_state_dict, e.g. a RetainQueue) is saved with it.
+
+    Under torch.distributed (torchrun, accelerate launch) the model is wrapped in DDP and the
+    batch sizes are global: every rank walks the same permutations and takes its share of each
+    batch, so the global batch is the one a single process would draw; rank 0 saves the
+    checkpoints."""
     from tqdm.auto import tqdm
+
+    world, rank = (dist.get_world_size(), dist.get_rank()) if dist.is_initialized() else (1, 0)
 
     forget_batch_size = config.forget_batch_size if forget_batch_size is None else forget_batch_size
     retain_batch_size = config.retain_batch_size if retain_batch_size is None else retain_batch_size
@@ -166,18 +264,27 @@ def train_steps(model, tokenizer, forget: TextDataset, retain: TextDataset, conf
         generator.set_state(state["generator"])
         torch.set_rng_state(state["torch_rng"])
         orders, result.history, first = state["orders"], state["history"], state["step"] + 1
+        if extra_state is not None:
+            extra_state.load_state_dict(state["extra"])
     model.train()
-    for step in tqdm(range(first, steps + 1), desc=desc, disable=not progress, initial=first - 1, total=steps):
+    trained = model
+    if world > 1:
+        from torch.nn.parallel import DistributedDataParallel
+
+        trained = DistributedDataParallel(model, device_ids=[device] if device.type == "cuda" else None)
+    for step in tqdm(range(first, steps + 1), desc=desc, disable=not progress or rank > 0, initial=first - 1,
+                     total=steps):
         start = time.perf_counter()
-        f_idx = next_batch("forget", forget, forget_batch_size)
-        r_idx = next_batch("retain", retain, retain_batch_size)
+        f_idx = next_batch("forget", forget, forget_batch_size)[rank::world]
+        r_idx = next_batch("retain", retain, retain_batch_size)[rank::world]
         texts = [forget.texts[i] for i in f_idx] + [retain.texts[i] for i in r_idx]
         inputs, labels = encode_labelled(tokenizer, texts, [forget.labels[i] for i in f_idx] +
                                          [retain.labels[i] for i in r_idx], config.max_length, device)
         forget_mask = torch.arange(len(texts), device=device) < len(f_idx)
-        loss, parts = step_loss(model, inputs, labels, forget_mask)
         optimizer.zero_grad(set_to_none=True)
-        loss.backward()
+        loss, parts = step_loss(trained, inputs, labels, forget_mask)
+        if loss.requires_grad:
+            loss.backward()
         optimizer.step()
         record = dict(step=step, loss=loss.item(), seconds=time.perf_counter() - start,
                       **{k: float(v) for k, v in parts.items()})
@@ -187,10 +294,11 @@ def train_steps(model, tokenizer, forget: TextDataset, retain: TextDataset, conf
             if record["forget_accuracy"] <= config.stop_forget_accuracy:
                 result.stopped_early = step < steps
                 break
-        if checkpoint is not None and step % checkpoint.every == 0:
+        if checkpoint is not None and step % checkpoint.every == 0 and rank == 0:
             checkpoint.save(dict(step=step, model=model.state_dict(), optimizer=optimizer.state_dict(),
                                  generator=generator.get_state(), torch_rng=torch.get_rng_state(), orders=orders,
-                                 history=result.history))
+                                 history=result.history, extra=None if extra_state is None else
+                                 extra_state.state_dict()))
     model.eval()
     return result
 
@@ -215,6 +323,9 @@ class DeepCUTUnlearner:
         if forget.token_level != (cfg.embedding == "token"):
             raise ValueError(f"embedding={cfg.embedding!r} does not fit the data: token classification data "
                              "(word lists) needs embedding='token', text data one of 'cls', 'mean', 'pooler'")
+        queue = RetainQueue(cfg.queue_size) if cfg.queue_size else None
+        group = dist.group.WORLD if dist.is_initialized() and dist.get_world_size() > 1 else None
+        step = deepcut_loss if cfg.chunk_size is None else cached_deepcut_step
         return train_steps(self.model, self.tokenizer, forget, retain, cfg,
-                           lambda model, inputs, labels, mask: deepcut_loss(model, inputs, labels, mask, cfg),
-                           progress=progress, desc="DeepCUT", checkpoint=checkpoint)
+                           lambda model, inputs, labels, mask: step(model, inputs, labels, mask, cfg, queue, group),
+                           progress=progress, desc="DeepCUT", checkpoint=checkpoint, extra_state=queue)
