@@ -106,10 +106,14 @@ def unlearn(args):
     embedding = args.embedding or ("token" if args.task == "token" else "cls")
     config = UnlearnConfig(gamma=args.gamma, temperature=args.temperature, steps=args.steps, learning_rate=args.lr,
                            views=args.views, embedding=embedding, layer=args.layer, max_length=args.max_length,
-                           stop_forget_accuracy=args.stop_forget_accuracy, seed=args.seed)
+                           stop_forget_accuracy=args.stop_forget_accuracy, seed=args.seed,
+                           forget_batch_size=args.forget_batch_size, retain_batch_size=args.retain_batch_size,
+                           chunk_size=args.chunk_size, queue_size=args.queue_size)
     spec, columns = _data_options(args)
     report = run_unlearn_job(args.model, args.data, args.out, config, spec, test_path=args.test, columns=columns,
                              checkpoint_every=args.checkpoint_every, task=args.task)
+    if report is None:  # a rank other than 0 of a distributed run
+        return 0
     forget_acc = report["metrics"]["forget"]["accuracy"]
     print(f"unlearned {report['sizes']['forget']} samples in {len(report['history'])} steps; "
           f"forget accuracy {100 * forget_acc:.1f}%; wrote {args.out}/model and {args.out}/report.json")
@@ -189,6 +193,12 @@ def main(argv=None):
     u.add_argument("--max-length", type=int, default=96)
     u.add_argument("--stop-forget-accuracy", type=float, default=None)
     u.add_argument("--checkpoint-every", type=int, default=5)
+    u.add_argument("--forget-batch-size", type=int, default=16,
+                   help="forget samples per step, over all processes (the effective batch is both sizes)")
+    u.add_argument("--retain-batch-size", type=int, default=32, help="retain samples per step, over all processes")
+    u.add_argument("--chunk-size", type=int, default=None,
+                   help="gradient caching: embed each process's batch in chunks of this many samples")
+    u.add_argument("--queue-size", type=int, default=0, help="queue of recent retain embeddings (0: none)")
     u.add_argument("--seed", type=int, default=0)
     u.set_defaults(func=unlearn)
     e = sub.add_parser("evaluate", help="forget / retain / test figures of a model, and gaps to a reference")

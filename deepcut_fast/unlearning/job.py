@@ -12,9 +12,14 @@ the gap of every figure to a reference model (typically one retrained without th
 ``task`` is "sequence" (text and label columns) or "token" (word-list and tag-list columns,
 JSONL or a ``datasets`` Dataset; anchors are tokens, ``embedding="token"``).
 """
+import contextlib
 import json
+import os
 import time
 from pathlib import Path
+
+import torch
+import torch.distributed as dist
 
 from deepcut_fast.evaluation import classification_metrics, evaluate, gap_to, headline, predict
 from deepcut_fast.unlearning.data import forget_indices, load_table, load_token_table
@@ -60,22 +65,47 @@ def _metrics(model, tokenizer, forget, retain, test_path, label_names, task, col
             for name, data in (("forget", forget), ("retain", retain))}
 
 
+@contextlib.contextmanager
+def distributed():
+    """Join the process group that ``torchrun`` or ``accelerate launch`` describes in the
+    environment (WORLD_SIZE > 1): NCCL with one GPU per local rank, gloo on CPUs; leave it at
+    the end if this joined it. Yields (rank, this process's device)."""
+    cuda = torch.cuda.is_available()
+    device = torch.device("cuda", int(os.environ.get("LOCAL_RANK", 0))) if cuda else torch.device("cpu")
+    joined = int(os.environ.get("WORLD_SIZE", 1)) > 1 and not dist.is_initialized()
+    if joined:
+        if cuda:
+            torch.cuda.set_device(device)
+        dist.init_process_group("nccl" if cuda else "gloo")
+    try:
+        yield (dist.get_rank() if dist.is_initialized() else 0), device
+    finally:
+        if joined:
+            dist.destroy_process_group()
+
+
 def run_unlearn_job(model_dir, data_path, out, config: UnlearnConfig, forget_spec: dict, test_path=None,
                     columns=None, checkpoint_every=5, progress=True, task="sequence"):
-    """Unlearn ``forget_spec`` (forget_indices' keywords) from the model in ``model_dir``."""
+    """Unlearn ``forget_spec`` (forget_indices' keywords) from the model in ``model_dir``. Under
+    torchrun / accelerate launch every rank trains (DDP) and rank 0 writes the outputs."""
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
     label_names, forget, retain = _sets(model_dir, data_path, forget_spec, task, columns)
     model, tokenizer = load_classifier(model_dir, label_names, task=task)
     checkpoint = Checkpoint(out / "checkpoint.pt", every=checkpoint_every)
     resumed_from = (checkpoint.load() or {}).get("step", 0)
-    start = time.perf_counter()
-    result = DeepCUTUnlearner(model, tokenizer, config).unlearn(forget, retain, progress=progress,
-                                                                checkpoint=checkpoint)
-    seconds = time.perf_counter() - start
+    with distributed() as (rank, device):
+        world = dist.get_world_size() if dist.is_initialized() else 1
+        start = time.perf_counter()
+        result = DeepCUTUnlearner(model.to(device), tokenizer, config).unlearn(forget, retain, progress=progress,
+                                                                               checkpoint=checkpoint)
+        seconds = time.perf_counter() - start
+    if rank > 0:  # the model is the same on every rank: rank 0 evaluates and writes
+        return None
     metrics = _metrics(model, tokenizer, forget, retain, test_path, label_names, task, columns, config.max_length)
     save_model_atomically(result.model, tokenizer, out / "model")
     report = dict(config=vars(config), sizes=dict(forget=len(forget), retain=len(retain)), seconds=seconds,
+                  processes=world,
                   resumed_from_step=resumed_from, stopped_early=result.stopped_early, metrics=metrics,
                   history=result.history)
     atomic_write(out / "report.json", lambda f: f.write(json.dumps(report, indent=2).encode()))
