@@ -27,20 +27,11 @@ def test_two_ranks_equal_one_process(check, tmp_path):
 def test_unlearn_cli_under_torchrun(tmp_path):
     """deepcut-fast unlearn on 2 processes (global batch split between them, gradient caching and
     a queue on): it runs, rank 0 alone writes the outputs, and the class is forgotten."""
-    import csv
     import json
 
-    from tiny_models import fine_tune, tiny_bert, tokenizer, toy_corpus
+    from tiny_models import save_toy_job
 
-    tok = tokenizer()
-    data = toy_corpus()
-    model = fine_tune(tiny_bert(data.label_names, tok.vocab_size), tok, data)
-    model.save_pretrained(tmp_path / "model")
-    tok.save_pretrained(tmp_path / "model")
-    with open(tmp_path / "train.csv", "w", newline="") as f:
-        writer = csv.writer(f)
-        writer.writerow(["text", "label"])
-        writer.writerows(zip(data.texts, [data.label_names[y] for y in data.labels]))
+    save_toy_job(tmp_path)
     run = torchrun("-m", "deepcut_fast.cli", "unlearn", "--model", tmp_path / "model", "--data", tmp_path / "train.csv",
                    "--forget-class", "tech", "--out", tmp_path / "out", "--steps", "20", "--lr", "2e-3",
                    "--max-length", "32", "--chunk-size", "8", "--queue-size", "64")

@@ -1,26 +1,15 @@
 """deepcut-fast unlearn on a small saved model and CSV data: outputs, errors, resume."""
-import csv
 import json
 
 import pytest
 
 from deepcut_fast.cli import main
-from tiny_models import fine_tune, tiny_bert, tokenizer, toy_corpus
+from tiny_models import fine_tune, save_toy_job, tiny_bert, tokenizer
 
 
 @pytest.fixture(scope="module")
 def saved(tmp_path_factory):
-    root = tmp_path_factory.mktemp("job")
-    tok = tokenizer()
-    data = toy_corpus()
-    model = fine_tune(tiny_bert(data.label_names, tok.vocab_size), tok, data)
-    model.save_pretrained(root / "model")
-    tok.save_pretrained(root / "model")
-    with open(root / "train.csv", "w", newline="") as f:
-        writer = csv.writer(f)
-        writer.writerow(["id", "text", "label"])
-        writer.writerows(zip(data.ids, data.texts, [data.label_names[y] for y in data.labels]))
-    return root
+    return save_toy_job(tmp_path_factory.mktemp("job"))
 
 
 def run(saved, out, *extra):
