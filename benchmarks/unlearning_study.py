@@ -50,8 +50,9 @@ def targets(scenario, reports):
     else:  # no further from retrain than the two retrain seeds are from each other
         for key in ("forget_f1", "test_f1", "mia_loss_auc"):
             checks[f"{key} gap to retrain (seed-to-seed gap)"] = (gap("deepcut", key), gap("retrain_seed2", key))
-    checks["time / retrain time"] = (float(np.mean([r["summary"]["deepcut"]["seconds"] / r["summary"]["retrain"]["seconds"]
-                                                    for r in reports])), 0.25)
+    # retraining's time measured under the same load as DeepCUT (see demo.retrain_time_same_run)
+    checks["time / retrain time"] = (float(np.mean([r["summary"]["deepcut"]["seconds"] /
+                                                    r["timing"]["retrain_seconds_same_run"] for r in reports])), 0.25)
     closest = min(mean(b, "distance_to_retrain") for b in BASELINES)
     checks["distance to retrain (closest baseline)"] = (mean("deepcut", "distance_to_retrain"), closest)
     return {name: (value, limit, value <= limit) for name, (value, limit) in checks.items()}

@@ -183,6 +183,18 @@ def train_models(opts: DemoOptions, cache: Path):
     return data, original_model, tokenizer, retrained
 
 
+def retrain_time_same_run(opts, retain, tokenizer, probe_steps=6):
+    """Retraining's time as if it ran now: seconds per step of a few retraining steps timed right
+    after the methods (same machine load), times its step count. The cached models' own
+    training time may come from another load, so time ratios use this."""
+    model, _ = load_classifier(default_model_path(), retain.label_names)
+    cfg = UnlearnConfig(steps=probe_steps + 1, learning_rate=5e-5, retain_batch_size=32, max_length=opts.max_length)
+    history = baselines.retrain(model, tokenizer, retain.subset([]), retain, cfg, progress=False).history
+    per_step = sum(h["seconds"] for h in history[1:]) / probe_steps  # the first step warms up
+    return dict(retrain_step_seconds=per_step, retrain_steps=opts.steps(retain),
+                retrain_seconds_same_run=per_step * opts.steps(retain))
+
+
 def run_demo(opts: DemoOptions, out: Path, progress=True, cache: Path = None):
     """Run every method, write report.json / report.md / report.png into ``out``; return the
     report. Trained models are cached in ``cache`` (default ``<out>/cache``)."""
@@ -207,6 +219,7 @@ def run_demo(opts: DemoOptions, out: Path, progress=True, cache: Path = None):
                                          progress=progress)
         record(name, result.model, time.perf_counter() - start, steps=len(result.history))
 
+    timing = retrain_time_same_run(opts, retain, tokenizer)
     gold = rows["retrain"]
     summary = {}
     for name in METHOD_ORDER:
@@ -215,7 +228,7 @@ def run_demo(opts: DemoOptions, out: Path, progress=True, cache: Path = None):
                              distance_to_retrain=gap_to(r, gold)["distance"])
     report = dict(options=dict(asdict(opts), unlearn=asdict(opts.unlearn)), sizes=dict(
         train=len(train), forget=len(forget), retain=len(retain), test=len(test)), summary=summary, details=rows,
-        notes={k: len(v) for k, v in notes.items()})
+        notes={k: len(v) for k, v in notes.items()}, timing=timing)
     atomic_write(out / "report.json", lambda f: f.write(json.dumps(report, indent=2).encode()))
     atomic_write(out / "report.md", lambda f: f.write(markdown_table(report).encode()))
     atomic_write(out / "report.png", lambda f: plot_summary(summary, opts, f))
@@ -239,6 +252,11 @@ def markdown_table(report):
         cells = [f"{row[k]:.3f}" if k.startswith("mia") or k == "distance_to_retrain" else f"{row[k]:.1f}"
                  for k, _ in columns]
         lines.append(f"| {name} | " + " | ".join(cells) + " |")
+    t = report.get("timing")
+    if t:
+        lines += ["", f"Retraining timed in this run (the same load as the methods): {t['retrain_step_seconds']:.2f} s/step "
+                  f"x {t['retrain_steps']} steps = {t['retrain_seconds_same_run']:.0f} s; the retrain rows' time is "
+                  "their own training, possibly under another load."]
     return "\n".join(lines) + "\n"
 
 

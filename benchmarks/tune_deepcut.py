@@ -1,0 +1,64 @@
+"""DeepCUT settings tried on one scenario and seed, against the cached original and retrained models.
+
+    python -m benchmarks.tune_deepcut --scenario class --seed 0 --cache runs/study-cache \
+        --try "views=1" "retain_batch_size=16" "learning_rate=1e-4,steps=8"
+
+Each ``--try`` is a comma-separated list of UnlearnConfig overrides of the scenario's default
+(``scenario_config``); the default itself runs first. Prints one JSON line per setting with the
+scenario's own figures, test F1, the distance to the retrained model, steps and seconds (and the
+retrained model's training seconds, for the time target).
+"""
+import argparse
+import copy
+import json
+import time
+from dataclasses import replace
+from pathlib import Path
+
+from deepcut_fast.evaluation import gap_to, headline, predict, report_from_predictions
+from deepcut_fast.unlearning.baselines import deepcut
+from deepcut_fast.unlearning.demo import SCENARIOS, DemoOptions, scenario_figures, train_models
+
+
+def parse_overrides(text):
+    out = {}
+    for item in filter(None, text.split(",")):
+        key, value = item.split("=")
+        out[key] = value if key in ("embedding", "forget_pull") else \
+            None if value == "None" else int(value) if value.lstrip("-").isdigit() else float(value)
+    return out
+
+
+def main():
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--scenario", choices=SCENARIOS, default="class")
+    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--cache", default="runs/study-cache")
+    parser.add_argument("--try", dest="tries", nargs="*", default=[])
+    args = parser.parse_args()
+    opts = DemoOptions(scenario=args.scenario, seed=args.seed)
+    data, original, tokenizer, retrained = train_models(opts, Path(args.cache))
+    sets = {k: data[k] for k in ("forget", "retain", "test")}
+
+    def figures(model):
+        preds = {name: predict(model, tokenizer, d, max_length=opts.max_length) for name, d in sets.items()}
+        report = report_from_predictions(preds, data["train"].label_names)
+        return report, scenario_figures(opts, preds, data, data["train"].label_names)
+
+    gold, gold_scenario = figures(retrained[0][1])
+    print(json.dumps(dict(setting="retrain", retrain_seconds=retrained[0][2], **gold_scenario,
+                          test_f1=headline(gold)["test_f1"])), flush=True)
+    for text in [""] + args.tries:
+        config = replace(opts.unlearn, **parse_overrides(text))
+        start = time.perf_counter()
+        result = deepcut(copy.deepcopy(original), tokenizer, data["forget"], data["retain"], config, progress=False)
+        seconds = time.perf_counter() - start
+        report, extra = figures(result.model)
+        print(json.dumps(dict(setting=text or "default", steps=len(result.history), seconds=round(seconds, 1),
+                              time_ratio=round(seconds / retrained[0][2], 3), **{k: round(v, 2) for k, v in extra.items()},
+                              test_f1=round(headline(report)["test_f1"], 2),
+                              distance=round(gap_to(report, gold)["distance"], 4))), flush=True)
+
+
+if __name__ == "__main__":
+    main()
