@@ -4,7 +4,7 @@
         --try "views=1" "retain_batch_size=16" "learning_rate=1e-4,steps=8"
 
 Each ``--try`` is a comma-separated list of UnlearnConfig overrides of the scenario's default
-(``scenario_config``); the default itself runs first. Prints one JSON line per setting with the
+(``scenario_config``); "" is the default itself (run when no ``--try`` is given). Prints one JSON line per setting with the
 scenario's own figures, test F1, the distance to the retrained model, steps and seconds (and the
 retrained model's training seconds, for the time target).
 """
@@ -48,7 +48,7 @@ def main():
     gold, gold_scenario = figures(retrained[0][1])
     print(json.dumps(dict(setting="retrain", retrain_seconds=retrained[0][2], **gold_scenario,
                           test_f1=headline(gold)["test_f1"])), flush=True)
-    for text in [""] + args.tries:
+    for text in args.tries or [""]:
         config = replace(opts.unlearn, **parse_overrides(text))
         start = time.perf_counter()
         result = deepcut(copy.deepcopy(original), tokenizer, data["forget"], data["retain"], config, progress=False)
