@@ -12,6 +12,7 @@ modes at the largest batch the plain step fits, measured in the same run.
 """
 import argparse
 import json
+import os
 import subprocess
 import sys
 import time
@@ -99,7 +100,14 @@ def main():
     same = results["plain"]["largest_batch"]
     timed = {mode: run_in_fresh_process(same, chunk, args.max_length, args.device)["seconds"]
              for mode, chunk in (("plain", None), ("gradient_caching", args.chunk))} if same else {}
-    report = dict(command=" ".join(sys.argv), device=args.device, budget_gb=args.budget_gb, chunk=args.chunk,
+    import platform
+
+    import torch
+
+    host = dict(machine=platform.processor() or platform.machine(), cpus=os.cpu_count(), torch=torch.__version__,
+                gpu=torch.cuda.get_device_name() if args.device == "cuda" else None)
+    report = dict(command="python -m benchmarks.gradcache_memory " + " ".join(sys.argv[1:]), host=host,
+                  device=args.device, budget_gb=args.budget_gb, chunk=args.chunk,
                   max_length=args.max_length, date=time.strftime("%Y-%m-%d"), results=results,
                   time_at_batch=same, seconds=timed,
                   caching_time_ratio=timed["gradient_caching"] / timed["plain"] if timed else None)

@@ -84,6 +84,8 @@ def main(argv=None):
     parser.add_argument("--seeds", nargs="+", type=int, default=[0, 1, 2])
     parser.add_argument("--models-only", action="store_true", help="train and cache the models, run no method")
     parser.add_argument("--rerun", action="store_true", help="run the methods again where a report exists")
+    parser.add_argument("--aggregate-only", action="store_true",
+                        help="run nothing: aggregate the reports that exist for the given seeds")
     args = parser.parse_args(argv)
     out, cache = Path(args.out), Path(args.cache)
     study = {}
@@ -92,6 +94,10 @@ def main(argv=None):
         for seed in args.seeds:
             opts = DemoOptions(scenario=scenario, seed=seed)
             run_dir = out / f"{scenario}-seed{seed}"
+            if args.aggregate_only:
+                if (run_dir / "report.json").exists():
+                    reports.append(json.loads((run_dir / "report.json").read_text()))
+                continue
             if args.models_only:
                 train_models(opts, cache)
             elif (run_dir / "report.json").exists() and not args.rerun:
@@ -100,7 +106,8 @@ def main(argv=None):
                 reports.append(run_demo(opts, run_dir, progress=False, cache=cache))
             print(f"done: {scenario} seed {seed}", flush=True)
         if reports:
-            study[scenario] = dict(seeds=args.seeds, aggregate=aggregate(reports), targets=targets(scenario, reports))
+            seeds = [r["options"]["seed"] for r in reports]
+            study[scenario] = dict(seeds=seeds, aggregate=aggregate(reports), targets=targets(scenario, reports))
     if study:
         atomic_write(out / "study.json", lambda f: f.write(json.dumps(study, indent=2).encode()))
         atomic_write(out / "study.md", lambda f: f.write(markdown(study).encode()))

@@ -12,7 +12,7 @@ def _report(deepcut_seconds, deepcut_recall, retrain_seconds=100.0):
     rows["retrain"].update(seconds=retrain_seconds, distance_to_retrain=0.0, forgotten_class_recall_train=0.0)
     rows["deepcut"].update(seconds=deepcut_seconds, forgotten_class_recall_train=deepcut_recall,
                            distance_to_retrain=0.05, other_classes_test_f1=95.0)
-    return {"summary": rows, "timing": {"retrain_seconds_same_run": retrain_seconds}}
+    return {"summary": rows, "timing": {"retrain_seconds_same_run": retrain_seconds}, "options": {"seed": 0}}
 
 
 def test_aggregate_is_mean_and_sample_sd():
