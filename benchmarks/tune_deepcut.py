@@ -15,7 +15,7 @@ import time
 from dataclasses import replace
 from pathlib import Path
 
-from deepcut_fast.evaluation import gap_to, headline, predict, report_from_predictions
+from deepcut_fast.evaluation import gap_to, headline, predict_sets, report_from_predictions
 from deepcut_fast.unlearning.baselines import deepcut
 from deepcut_fast.unlearning.demo import SCENARIOS, DemoOptions, scenario_figures, train_models
 
@@ -38,10 +38,8 @@ def main():
     args = parser.parse_args()
     opts = DemoOptions(scenario=args.scenario, seed=args.seed)
     data, original, tokenizer, retrained = train_models(opts, Path(args.cache))
-    sets = {k: data[k] for k in ("forget", "retain", "test")}
-
     def figures(model):
-        preds = {name: predict(model, tokenizer, d, max_length=opts.max_length) for name, d in sets.items()}
+        preds = predict_sets(model, tokenizer, data["forget"], data["retain"], data["test"], max_length=opts.max_length)
         report = report_from_predictions(preds, data["train"].label_names)
         return report, scenario_figures(opts, preds, data, data["train"].label_names)
 

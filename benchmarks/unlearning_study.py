@@ -16,7 +16,7 @@ from pathlib import Path
 import numpy as np
 
 from deepcut_fast.unlearning.demo import METHOD_ORDER, SCENARIOS, DemoOptions, run_demo, train_models
-from deepcut_fast.unlearning.files import atomic_write
+from deepcut_fast.unlearning.files import atomic_write, atomic_write_json
 
 BASELINES = ("original", "finetune_retain", "gradient_ascent", "gradient_difference", "random_relabel")
 
@@ -109,7 +109,7 @@ def main(argv=None):
             seeds = [r["options"]["seed"] for r in reports]
             study[scenario] = dict(seeds=seeds, aggregate=aggregate(reports), targets=targets(scenario, reports))
     if study:
-        atomic_write(out / "study.json", lambda f: f.write(json.dumps(study, indent=2).encode()))
+        atomic_write_json(out / "study.json", study)
         atomic_write(out / "study.md", lambda f: f.write(markdown(study).encode()))
         print(markdown(study))
 

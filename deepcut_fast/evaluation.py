@@ -19,7 +19,7 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-from deepcut_fast.unlearning.model import encode, first_subword_positions
+from deepcut_fast.unlearning.model import encode, encode_words
 
 SETS = ("forget", "retain", "test")
 
@@ -81,13 +81,15 @@ def predict(model, tokenizer, data, batch_size=64, max_length=96):
     probs, labels = [], []
     for start in range(0, len(data), batch_size):
         texts = data.texts[start:start + batch_size]
-        batch_probs = F.softmax(model(**encode(tokenizer, texts, max_length, device)).logits.float(), -1).cpu().numpy()
         if not data.token_level:
-            probs.append(batch_probs)
+            logits = model(**encode(tokenizer, texts, max_length, device)).logits
+            probs.append(F.softmax(logits.float(), -1).cpu().numpy())
             continue
-        for b, positions in enumerate(first_subword_positions(tokenizer, texts, max_length)):
-            probs.append(batch_probs[b, positions])
-            labels.append(np.asarray(data.labels[start + b][:len(positions)], dtype=np.int64))
+        inputs, positions = encode_words(tokenizer, texts, max_length, device)
+        batch_probs = F.softmax(model(**inputs).logits.float(), -1).cpu().numpy()
+        for b, first in enumerate(positions):
+            probs.append(batch_probs[b, first])
+            labels.append(np.asarray(data.labels[start + b][:len(first)], dtype=np.int64))
     model.train(was_training)
     if data.token_level:
         return TokenPredictions(labels, probs)
@@ -160,11 +162,16 @@ def report_from_predictions(preds, label_names):
     return report
 
 
+def predict_sets(model, tokenizer, forget, retain, test, **predict_options):
+    """{"forget": ..., "retain": ..., "test": ...} predictions of one model."""
+    return {name: predict(model, tokenizer, data, **predict_options)
+            for name, data in zip(SETS, (forget, retain, test))}
+
+
 def evaluate(model, tokenizer, forget, retain, test, label_names, **predict_options):
     """Every figure of this module for one model; sets are TextDatasets."""
-    preds = {name: predict(model, tokenizer, data, **predict_options)
-             for name, data in (("forget", forget), ("retain", retain), ("test", test))}
-    return report_from_predictions(preds, label_names)
+    return report_from_predictions(predict_sets(model, tokenizer, forget, retain, test, **predict_options),
+                                   label_names)
 
 
 def headline(report):

@@ -6,20 +6,14 @@ same optimiser, same step budget) and return an UnlearnResult; only the per-step
 fine-tuned original) and a training budget, and it learns the retain set from scratch.
 """
 import torch
-import torch.nn.functional as F
 
-from deepcut_fast.unlearning.unlearner import DeepCUTUnlearner, UnlearnResult, train_steps
-
-
-def _ce_of(logits, labels):
-    """CE over samples [B, C] / [B], or over tokens [B, T, C] / [B, T] with -100 ignored."""
-    return F.cross_entropy(logits.flatten(0, -2), labels.flatten(), ignore_index=-100)
+from deepcut_fast.unlearning.unlearner import DeepCUTUnlearner, UnlearnResult, cross_entropy, train_steps
 
 
 def _ce(model, inputs, labels, rows):
     if not rows.any():
         return torch.zeros((), device=labels.device)
-    return _ce_of(model(**inputs).logits[rows], labels[rows])
+    return cross_entropy(model(**inputs).logits[rows], labels[rows])
 
 
 def _retain_ce_step(model, inputs, labels, forget_mask):
@@ -65,8 +59,8 @@ def gradient_difference(model, tokenizer, forget, retain, config, progress=True)
     """Ascent on the forget set plus descent on the retain set."""
     def step(model, inputs, labels, forget_mask):
         logits = model(**inputs).logits
-        forget_ce = _ce_of(logits[forget_mask], labels[forget_mask])
-        retain_ce = _ce_of(logits[~forget_mask], labels[~forget_mask])
+        forget_ce = cross_entropy(logits[forget_mask], labels[forget_mask])
+        retain_ce = cross_entropy(logits[~forget_mask], labels[~forget_mask])
         return retain_ce - forget_ce, {"forget_ce": forget_ce.detach(), "ce": retain_ce.detach()}
 
     return train_steps(model, tokenizer, forget, retain, config, step, progress=progress, desc="gradient difference")
@@ -81,7 +75,7 @@ def random_relabel(model, tokenizer, forget, retain, config, progress=True):
         shift = torch.randint(1, classes, labels.shape, generator=generator).to(labels.device)
         rows = forget_mask.view(-1, *[1] * (labels.dim() - 1)) & (labels != -100)  # tokens: keep -100
         wrong = torch.where(rows, (labels + shift) % classes, labels)  # never the true label
-        ce = _ce_of(model(**inputs).logits, wrong)
+        ce = cross_entropy(model(**inputs).logits, wrong)
         return ce, {"ce": ce.detach()}
 
     return train_steps(model, tokenizer, forget, retain, config, step, progress=progress, desc="random relabel")

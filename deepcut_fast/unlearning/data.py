@@ -18,6 +18,11 @@ TRUE_WORDS = {"1", "true", "yes", "y", "t"}
 FALSE_WORDS = {"0", "false", "no", "n", "f", ""}
 
 
+def is_word_lists(texts):
+    """True for token-classification input: each text is a list of words."""
+    return bool(texts) and isinstance(texts[0], (list, tuple))
+
+
 @dataclass
 class TextDataset:
     """Texts with class ids; ``ids`` name the rows (used by forget requests). For token
@@ -34,7 +39,7 @@ class TextDataset:
 
     @property
     def token_level(self):
-        return bool(self.texts) and isinstance(self.texts[0], (list, tuple))
+        return is_word_lists(self.texts)
 
     def partition(self, indices: Sequence[int]):
         """(the rows at ``indices``, every other row), e.g. (forget, retain)."""

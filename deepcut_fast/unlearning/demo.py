@@ -14,7 +14,6 @@ noise) are cached, by default under ``<out>/cache``, so a rerun skips them. Ever
 written atomically.
 """
 import copy
-import json
 import math
 import random
 import time
@@ -23,11 +22,11 @@ from pathlib import Path
 
 import numpy as np
 
-from deepcut_fast.evaluation import (Predictions, classification_metrics, gap_to, headline, predict,
+from deepcut_fast.evaluation import (Predictions, classification_metrics, gap_to, headline, predict_sets,
                                      report_from_predictions)
 from deepcut_fast.unlearning import baselines
 from deepcut_fast.unlearning.data import TextDataset, forget_indices, load_bbc_news, split
-from deepcut_fast.unlearning.files import atomic_write, save_model_atomically
+from deepcut_fast.unlearning.files import atomic_write, atomic_write_json, save_model_atomically
 from deepcut_fast.unlearning.model import default_model_path, load_classifier
 from deepcut_fast.unlearning.unlearner import UnlearnConfig, accuracy
 
@@ -58,9 +57,9 @@ class DemoOptions:
             self.train_epochs, self.max_memorise_epochs = 0.5, 1
             self.unlearn = replace(self.unlearn, steps=3)
 
-    def steps(self, data):
-        """Training steps (batches of 32) for ``train_epochs`` over ``data``."""
-        return max(1, math.ceil(self.train_epochs * len(data) / 32))
+    def steps(self, data, epochs=None):
+        """Training steps (batches of 32) for ``epochs`` (default ``train_epochs``) over ``data``."""
+        return max(1, math.ceil((self.train_epochs if epochs is None else epochs) * len(data) / 32))
 
 
 def scenario_config(scenario, max_length=64, seed=0):
@@ -100,12 +99,16 @@ def prepare_data(opts: DemoOptions):
     return train, test, chosen, notes
 
 
-def _train(model, tokenizer, data, opts, seed, epochs=None):
-    """Fine-tune on ``data`` with CE for ``epochs`` (default ``opts.train_epochs``): the
-    original, and retraining on the retain set."""
-    steps = opts.steps(data) if epochs is None else max(1, math.ceil(epochs * len(data) / 32))
+def _fit(model, tokenizer, data, opts, seed, steps):
+    """CE training on ``data`` (AdamW 5e-5, batch 32): the original, retraining on the retain
+    set, and the timing probe. Returns the UnlearnResult."""
     cfg = UnlearnConfig(steps=steps, learning_rate=5e-5, retain_batch_size=32, max_length=opts.max_length, seed=seed)
-    return baselines.retrain(model, tokenizer, data.subset([]), data, cfg, progress=False).model
+    return baselines.retrain(model, tokenizer, data.subset([]), data, cfg, progress=False)
+
+
+def _train(model, tokenizer, data, opts, seed, epochs=None):
+    """Fine-tune on ``data`` for ``epochs`` (default ``opts.train_epochs``); the model."""
+    return _fit(model, tokenizer, data, opts, seed, opts.steps(data, epochs)).model
 
 
 def cached_model(directory: Path, label_names, build):
@@ -190,8 +193,7 @@ def retrain_time_same_run(opts, retain, tokenizer, probe_steps=6):
     after the methods (same machine load), times its step count. The cached models' own
     training time may come from another load, so time ratios use this."""
     model, _ = load_classifier(default_model_path(), retain.label_names)
-    cfg = UnlearnConfig(steps=probe_steps + 1, learning_rate=5e-5, retain_batch_size=32, max_length=opts.max_length)
-    history = baselines.retrain(model, tokenizer, retain.subset([]), retain, cfg, progress=False).history
+    history = _fit(model, tokenizer, retain, opts, 0, probe_steps + 1).history
     per_step = sum(h["seconds"] for h in history[1:]) / probe_steps  # the first step warms up
     return dict(retrain_step_seconds=per_step, retrain_steps=opts.steps(retain),
                 retrain_seconds_same_run=per_step * opts.steps(retain))
@@ -206,8 +208,7 @@ def run_demo(opts: DemoOptions, out: Path, progress=True, cache: Path = None):
     rows = {}
 
     def record(name, model, seconds, steps=0):
-        preds = {set_name: predict(model, tokenizer, subset, max_length=opts.max_length)
-                 for set_name, subset in (("forget", forget), ("retain", retain), ("test", test))}
+        preds = predict_sets(model, tokenizer, forget, retain, test, max_length=opts.max_length)
         report = report_from_predictions(preds, train.label_names)
         report.update(seconds=seconds, steps=steps, scenario=scenario_figures(opts, preds, data, train.label_names))
         rows[name] = report
@@ -231,7 +232,7 @@ def run_demo(opts: DemoOptions, out: Path, progress=True, cache: Path = None):
     report = dict(options=dict(asdict(opts), unlearn=asdict(opts.unlearn)), sizes=dict(
         train=len(train), forget=len(forget), retain=len(retain), test=len(test)), summary=summary, details=rows,
         notes={k: len(v) for k, v in notes.items()}, timing=timing)
-    atomic_write(out / "report.json", lambda f: f.write(json.dumps(report, indent=2).encode()))
+    atomic_write_json(out / "report.json", report)
     atomic_write(out / "report.md", lambda f: f.write(markdown_table(report).encode()))
     atomic_write(out / "report.png", lambda f: plot_summary(summary, opts, f))
     return report

@@ -1,4 +1,5 @@
 """Atomic outputs: a reader never sees a half-written file or model directory."""
+import json
 import os
 import shutil
 from pathlib import Path
@@ -11,6 +12,10 @@ def atomic_write(path: Path, write_bytes):
         f.flush()
         os.fsync(f.fileno())
     os.replace(tmp, path)
+
+
+def atomic_write_json(path: Path, obj):
+    atomic_write(Path(path), lambda f: f.write(json.dumps(obj, indent=2).encode()))
 
 
 def save_model_atomically(model, tokenizer, directory: Path):

@@ -13,7 +13,6 @@ the gap of every figure to a reference model (typically one retrained without th
 JSONL or a ``datasets`` Dataset; anchors are tokens, ``embedding="token"``).
 """
 import contextlib
-import json
 import os
 import time
 from pathlib import Path
@@ -23,7 +22,7 @@ import torch.distributed as dist
 
 from deepcut_fast.evaluation import classification_metrics, evaluate, gap_to, headline, predict
 from deepcut_fast.unlearning.data import forget_indices, load_table, load_token_table
-from deepcut_fast.unlearning.files import atomic_write, save_model_atomically
+from deepcut_fast.unlearning.files import atomic_write_json, save_model_atomically
 from deepcut_fast.unlearning.model import load_classifier
 from deepcut_fast.unlearning.unlearner import Checkpoint, DeepCUTUnlearner, UnlearnConfig
 
@@ -108,7 +107,7 @@ def run_unlearn_job(model_dir, data_path, out, config: UnlearnConfig, forget_spe
                   processes=world,
                   resumed_from_step=resumed_from, stopped_early=result.stopped_early, metrics=metrics,
                   history=result.history)
-    atomic_write(out / "report.json", lambda f: f.write(json.dumps(report, indent=2).encode()))
+    atomic_write_json(out / "report.json", report)
     checkpoint.path.unlink(missing_ok=True)
     return report
 
@@ -133,5 +132,5 @@ def run_evaluate_job(model_dir, data_path, test_path, out_file, forget_spec: dic
     if test_path is not None:
         report["headline"] = headline(reports["model"])
     Path(out_file).parent.mkdir(parents=True, exist_ok=True)
-    atomic_write(Path(out_file), lambda f: f.write(json.dumps(report, indent=2).encode()))
+    atomic_write_json(out_file, report)
     return report

@@ -4,6 +4,8 @@ from pathlib import Path
 
 import torch
 
+from deepcut_fast.unlearning.data import is_word_lists
+
 EMBEDDINGS = ("cls", "mean", "pooler", "token")
 
 
@@ -33,19 +35,26 @@ def load_classifier(path, label_names, task="sequence"):
     return model, tokenizer
 
 
-def encode(tokenizer, texts, max_length, device):
-    """A padded, truncated batch of ``texts`` as tensors on ``device``. Texts given as word lists
-    (token classification) are tokenised word by word (a fast tokenizer is needed)."""
-    words = bool(texts) and isinstance(texts[0], (list, tuple))
-    enc = tokenizer(list(texts), padding=True, truncation=True, max_length=max_length, return_tensors="pt",
-                    is_split_into_words=words)
+def _tokenize(tokenizer, texts, max_length):
+    return tokenizer(list(texts), padding=True, truncation=True, max_length=max_length, return_tensors="pt",
+                     is_split_into_words=is_word_lists(texts))
+
+
+def _on(enc, device):
     return {k: v.to(device) for k, v in enc.items()}
 
 
-def first_subword_positions(tokenizer, words_batch, max_length):
-    """For each sentence, the token position of each word's first subword, for the words that
-    survive truncation (the word ``i`` of a sentence is at ``positions[i]``)."""
-    enc = tokenizer(list(words_batch), truncation=True, max_length=max_length, is_split_into_words=True)
+def encode(tokenizer, texts, max_length, device):
+    """A padded, truncated batch of ``texts`` as tensors on ``device``. Texts given as word lists
+    (token classification) are tokenised word by word (a fast tokenizer is needed)."""
+    return _on(_tokenize(tokenizer, texts, max_length), device)
+
+
+def encode_words(tokenizer, words_batch, max_length, device):
+    """(inputs, positions) of word lists, tokenised once: ``positions[b][i]`` is the token
+    position of word ``i``'s first subword in sentence ``b``, for the words that survive
+    truncation."""
+    enc = _tokenize(tokenizer, words_batch, max_length)
     positions = []
     for b in range(len(words_batch)):
         seen, first = set(), []
@@ -54,19 +63,19 @@ def first_subword_positions(tokenizer, words_batch, max_length):
                 seen.add(word)
                 first.append(pos)
         positions.append(first)
-    return positions
+    return _on(enc, device), positions
 
 
 def encode_labelled(tokenizer, texts, labels, max_length, device):
     """(inputs, labels tensor) of a training batch. Sequence classification: labels [B].
     Token classification (texts are word lists, labels one tag id per word): labels [B, T] with
     each word's tag on its first subword and -100 on other subwords, special tokens and padding."""
-    inputs = encode(tokenizer, texts, max_length, device)
-    if not (texts and isinstance(texts[0], (list, tuple))):
-        return inputs, torch.tensor(labels, device=device)
+    if not is_word_lists(texts):
+        return encode(tokenizer, texts, max_length, device), torch.tensor(labels, device=device)
+    inputs, positions = encode_words(tokenizer, texts, max_length, device)
     tags = torch.full(inputs["input_ids"].shape, -100, dtype=torch.long)
-    for b, positions in enumerate(first_subword_positions(tokenizer, texts, max_length)):
-        tags[b, positions] = torch.tensor(labels[b][:len(positions)], dtype=torch.long)
+    for b, first in enumerate(positions):
+        tags[b, first] = torch.tensor(labels[b][:len(first)], dtype=torch.long)
     return inputs, tags.to(device)
 
 

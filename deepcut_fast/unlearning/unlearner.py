@@ -7,7 +7,6 @@ Token classification uses token embeddings as anchors, with -100 labels ignored.
 """
 import contextlib
 import math
-import os
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -21,6 +20,7 @@ from deepcut_fast.evaluation import classification_metrics, predict
 from deepcut_fast.loss import FORGET_PULLS, contrastive_unlearn_loss
 from deepcut_fast.queue import RetainQueue
 from deepcut_fast.unlearning.data import TextDataset
+from deepcut_fast.unlearning.files import atomic_write
 from deepcut_fast.unlearning.model import EMBEDDINGS, embed, encode_labelled
 
 
@@ -85,11 +85,15 @@ def _views(model, inputs, config):
     return z, [o.logits for o in outputs]
 
 
+def cross_entropy(logits, labels, reduction="mean"):
+    """CE over samples ([B, C] / [B]) or over tokens ([B, T, C] / [B, T], -100 ignored)."""
+    return F.cross_entropy(logits.flatten(0, -2), labels.flatten(), ignore_index=-100, reduction=reduction)
+
+
 def _retain_ce_sum(logits, labels, forget_mask):
     """CE summed over the views and the retain targets (samples, or tokens not labelled -100)."""
     retain = ~forget_mask
-    return sum(F.cross_entropy(l[retain].flatten(0, -2), labels[retain].flatten(), ignore_index=-100,
-                               reduction="sum") for l in logits)
+    return sum(cross_entropy(l[retain], labels[retain], reduction="sum") for l in logits)
 
 
 def _retain_targets(labels, forget_mask, views):
@@ -210,9 +214,7 @@ class Checkpoint:
         return torch.load(self.path, weights_only=False) if self.path.exists() else None
 
     def save(self, state):
-        tmp = self.path.with_name(self.path.name + ".tmp")
-        torch.save(state, tmp)
-        os.replace(tmp, self.path)
+        atomic_write(self.path, lambda f: torch.save(state, f))
 
 
 def train_steps(model, tokenizer, forget: TextDataset, retain: TextDataset, config: UnlearnConfig, step_loss,
