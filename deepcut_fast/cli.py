@@ -106,7 +106,8 @@ def unlearn(args):
     embedding = args.embedding or ("token" if args.task == "token" else "cls")
     config = UnlearnConfig(gamma=args.gamma, temperature=args.temperature, steps=args.steps, learning_rate=args.lr,
                            views=args.views, embedding=embedding, layer=args.layer, max_length=args.max_length,
-                           stop_forget_accuracy=args.stop_forget_accuracy, seed=args.seed,
+                           stop_forget_accuracy=args.stop_forget_accuracy, stop_retain_drop=args.stop_retain_drop,
+                           seed=args.seed,
                            forget_batch_size=args.forget_batch_size, retain_batch_size=args.retain_batch_size,
                            chunk_size=args.chunk_size, queue_size=args.queue_size)
     spec, columns = _data_options(args)
@@ -191,7 +192,10 @@ def main(argv=None):
                    help="default: token for the token task, cls otherwise")
     u.add_argument("--layer", type=int, default=-1)
     u.add_argument("--max-length", type=int, default=96)
-    u.add_argument("--stop-forget-accuracy", type=float, default=None)
+    u.add_argument("--stop-forget-accuracy", type=float, default=None,
+                   help="stop once accuracy on (a sample of) the forget set is at most this")
+    u.add_argument("--stop-retain-drop", type=float, default=None,
+                   help="with --stop-forget-accuracy: also wait until retain accuracy is within this of its start")
     u.add_argument("--checkpoint-every", type=int, default=5)
     u.add_argument("--forget-batch-size", type=int, default=16,
                    help="forget samples per step, over all processes (the effective batch is both sizes)")

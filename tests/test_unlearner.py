@@ -97,6 +97,38 @@ def test_stopping_rule_ends_the_run_early(tok, original):
     assert result.history[-1]["forget_accuracy"] <= 0.2
 
 
+def test_stopping_rule_waits_for_the_retain_samples(tok, original, monkeypatch):
+    """With stop_retain_drop, a check where the forget accuracy is low enough but the retain
+    sample is still more than the drop below its starting accuracy does not stop the run; the
+    first check where both hold does. The accuracies are scripted (the toy model never loses its
+    retain samples), so the rule itself is what is tested; the rule does not change the batches."""
+    import deepcut_fast.unlearning.unlearner as module
+
+    data, state = original
+    forget, retain = data.partition(forget_indices(data, forget_class="sport"))
+    script = {"forget": [0.6, 0.1, 0.0, 0.0, 0.0, 0.0], "retain": [0.95, 0.80, 0.90, 0.94, 0.95]}
+
+    def scripted(model, tokenizer, sample, max_length):
+        return script["forget" if sample.ids[0] in forget.ids else "retain"].pop(0)
+
+    def run(drop):
+        model = tiny_bert(data.label_names, tok.vocab_size)
+        model.load_state_dict(state)
+        cfg = UnlearnConfig(steps=12, learning_rate=2e-3, stop_forget_accuracy=0.2, stop_retain_drop=drop,
+                            check_every=2)
+        return DeepCUTUnlearner(model, tok, cfg).unlearn(forget, retain, progress=False)
+
+    monkeypatch.setattr(module, "accuracy", scripted)
+    waiting = run(0.02)  # retain starts at 0.95: steps 4 (0.80) and 6 (0.90) fail it, step 8 (0.94) passes
+    assert waiting.retain_accuracy_before == 0.95 and waiting.stopped_early
+    assert [r["step"] for r in waiting.history if "retain_accuracy" in r] == [4, 6, 8]
+    assert len(waiting.history) == 8
+    script.update(forget=[0.6, 0.1], retain=[])
+    plain = run(None)  # forget accuracy alone: stops at step 4 and never looks at the retain set
+    assert len(plain.history) == 4 and plain.retain_accuracy_before is None
+    assert [r["loss"] for r in waiting.history[:4]] == pytest.approx([r["loss"] for r in plain.history])
+
+
 @pytest.mark.parametrize("changes, message", [
     (dict(embedding="max"), "embedding must be one of"),
     (dict(views=0), "views must be >= 1"),
@@ -127,7 +159,9 @@ def test_interrupted_run_resumes_to_the_same_model(tok, original, tmp_path, monk
 
     data, state = original
     forget, retain = data.partition(forget_indices(data, forget_class="tech"))
-    cfg = UnlearnConfig(steps=6, learning_rate=2e-3)
+    # a stopping rule that checks both samples at every step and never fires: its starting
+    # retain accuracy must come back from the checkpoint
+    cfg = UnlearnConfig(steps=6, learning_rate=2e-3, stop_forget_accuracy=1.0, stop_retain_drop=-1.0, check_every=1)
 
     def fresh():
         model = tiny_bert(data.label_names, tok.vocab_size)
@@ -154,5 +188,7 @@ def test_interrupted_run_resumes_to_the_same_model(tok, original, tmp_path, monk
     resumed = fresh().unlearn(forget, retain, progress=False, checkpoint=checkpoint)
     assert [r["step"] for r in resumed.history] == list(range(1, 7))
     assert [r["loss"] for r in resumed.history] == pytest.approx([r["loss"] for r in straight.history])
+    assert resumed.retain_accuracy_before == straight.retain_accuracy_before
+    assert [r["retain_accuracy"] for r in resumed.history] == [r["retain_accuracy"] for r in straight.history]
     for a, b in zip(resumed.model.state_dict().values(), straight.model.state_dict().values()):
         torch.testing.assert_close(a, b)

@@ -43,8 +43,12 @@ class UnlearnConfig:
     max_length: int = 96
     # stopping rule: stop once accuracy on the forget set (its training labels) is at most this,
     # checked every `check_every` steps (e.g. 0.02 for class unlearning); None: run all steps.
-    # The check predicts a fixed random sample of at most `stop_sample` forget samples (None: all)
+    # The check predicts a fixed random sample of at most `stop_sample` forget samples (None: all).
+    # With `stop_retain_drop`, the run also waits until accuracy on a fixed sample of as many
+    # retain samples is at most this far below its value before the first step (the contrast
+    # pushes retain samples too; CE needs a few steps to repair them).
     stop_forget_accuracy: Optional[float] = None
+    stop_retain_drop: Optional[float] = None
     check_every: int = 5
     stop_sample: Optional[int] = 128
     seed: int = 0
@@ -192,6 +196,7 @@ class UnlearnResult:
     model: torch.nn.Module
     history: list = field(default_factory=list)  # one dict per step
     stopped_early: bool = False
+    retain_accuracy_before: Optional[float] = None  # the stopping rule's retain sample, before step 1
 
 
 def accuracy(model, tokenizer, data: TextDataset, max_length=96):
@@ -199,6 +204,26 @@ def accuracy(model, tokenizer, data: TextDataset, max_length=96):
     if len(data) == 0:
         return 0.0
     return classification_metrics(predict(model, tokenizer, data, max_length=max_length), data.label_names)["accuracy"]
+
+
+def _stop_sample(data: TextDataset, config: UnlearnConfig) -> TextDataset:
+    """The fixed random sample of at most ``stop_sample`` rows the stopping rule predicts (its own
+    generator, so the batches drawn are the same with or without a stopping rule)."""
+    if config.stop_sample is None or len(data) <= config.stop_sample:
+        return data
+    order = torch.randperm(len(data), generator=torch.Generator().manual_seed(config.seed))
+    return data.subset(sorted(order[:config.stop_sample].tolist()))
+
+
+def _should_stop(model, tokenizer, forget_check, retain_check, config, record, retain_before):
+    """The stopping rule; writes the accuracies it measured into the step's ``record``."""
+    record["forget_accuracy"] = accuracy(model, tokenizer, forget_check, config.max_length)
+    if record["forget_accuracy"] > config.stop_forget_accuracy:
+        return False
+    if config.stop_retain_drop is None:
+        return True
+    record["retain_accuracy"] = accuracy(model, tokenizer, retain_check, config.max_length)
+    return record["retain_accuracy"] >= retain_before - config.stop_retain_drop
 
 
 class Checkpoint:
@@ -244,10 +269,7 @@ def train_steps(model, tokenizer, forget: TextDataset, retain: TextDataset, conf
     torch.manual_seed(config.seed)  # dropout masks
     optimizer = torch.optim.AdamW(model.parameters(), lr=config.learning_rate)
     orders = {"forget": [], "retain": []}
-    stop_check = forget
-    if config.stop_sample is not None and len(forget) > config.stop_sample:  # own generator: sampling unchanged
-        stop_check = forget.subset(sorted(torch.randperm(len(forget), generator=torch.Generator().manual_seed(
-            config.seed))[:config.stop_sample].tolist()))
+    forget_check, retain_check = (_stop_sample(data, config) for data in (forget, retain))
 
     def next_batch(name, data, size):  # walk a fresh permutation, reshuffle when used up
         picked = []
@@ -266,8 +288,11 @@ def train_steps(model, tokenizer, forget: TextDataset, retain: TextDataset, conf
         generator.set_state(state["generator"])
         torch.set_rng_state(state["torch_rng"])
         orders, result.history, first = state["orders"], state["history"], state["step"] + 1
+        result.retain_accuracy_before = state["retain_accuracy_before"]
         if extra_state is not None:
             extra_state.load_state_dict(state["extra"])
+    elif config.stop_forget_accuracy is not None and config.stop_retain_drop is not None:
+        result.retain_accuracy_before = accuracy(model, tokenizer, retain_check, config.max_length)
     model.train()
     trained = model
     if world > 1:
@@ -292,15 +317,15 @@ def train_steps(model, tokenizer, forget: TextDataset, retain: TextDataset, conf
                       **{k: float(v) for k, v in parts.items()})
         result.history.append(record)
         if config.stop_forget_accuracy is not None and (step % config.check_every == 0 or step == steps):
-            record["forget_accuracy"] = accuracy(model, tokenizer, stop_check, config.max_length)
-            if record["forget_accuracy"] <= config.stop_forget_accuracy:
+            if _should_stop(model, tokenizer, forget_check, retain_check, config, record,
+                            result.retain_accuracy_before):
                 result.stopped_early = step < steps
                 break
         if checkpoint is not None and step % checkpoint.every == 0 and rank == 0:
             checkpoint.save(dict(step=step, model=model.state_dict(), optimizer=optimizer.state_dict(),
                                  generator=generator.get_state(), torch_rng=torch.get_rng_state(), orders=orders,
-                                 history=result.history, extra=None if extra_state is None else
-                                 extra_state.state_dict()))
+                                 history=result.history, retain_accuracy_before=result.retain_accuracy_before,
+                                 extra=None if extra_state is None else extra_state.state_dict()))
     model.eval()
     return result
 
