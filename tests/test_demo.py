@@ -2,6 +2,7 @@
 import json
 
 import pytest
+import torch
 
 from deepcut_fast.unlearning.demo import METHOD_ORDER, DemoOptions, prepare_data, run_demo
 
@@ -49,3 +50,44 @@ def test_seeds_vary_training_not_the_forget_set():
     assert all(wrong != notes["true_labels"][train.ids[i]] for i, wrong in zip(chosen, relabelled))
     other_data_seed = prepare_data(DemoOptions(scenario="noisy", data_seed=1, quick=True))
     assert other_data_seed[2] != first[2]
+
+
+def test_dropout_off_is_restored():
+    from deepcut_fast.unlearning.demo import dropout_off
+    from tiny_models import tiny_bert, tokenizer
+
+    tok = tokenizer()
+    model = tiny_bert(["a", "b"], tok.vocab_size).train()
+    inputs = tok(["one two three"], return_tensors="pt")
+    with dropout_off(model):  # train mode, yet two passes agree
+        torch.testing.assert_close(model(**inputs).logits, model(**inputs).logits)
+    assert {m.p for m in model.modules() if isinstance(m, torch.nn.Dropout)} == {0.1}
+    assert not torch.equal(model(**inputs).logits, model(**inputs).logits)
+
+
+def test_memorise_trains_until_the_wrong_labels_are_given():
+    """On a toy corpus with relabelled documents: epochs of the schedule are taken one at a time
+    and stop once >= 90% of the wrong labels are given; a model that already gives them trains
+    no further."""
+    from deepcut_fast.unlearning.data import TextDataset
+    from deepcut_fast.unlearning.demo import memorise
+    from deepcut_fast.unlearning.unlearner import accuracy
+    from tiny_models import tiny_bert, tokenizer, toy_corpus
+
+    tok = tokenizer()
+    data = toy_corpus(per_class=12)
+    chosen = list(range(0, len(data), 6))
+    labels = list(data.labels)
+    for i in chosen:
+        labels[i] = (labels[i] + 1) % len(data.label_names)
+    noisy = TextDataset(data.ids, data.texts, labels, data.label_names)
+    forget = noisy.subset(chosen)
+    opts = DemoOptions(scenario="noisy", memorise_schedule=((2e-3, True),) + ((2e-3, False),) * 39)
+    model = tiny_bert(data.label_names, tok.vocab_size)
+    assert accuracy(model, tok, forget, opts.max_length) < 0.9
+    model, epochs, memorised = memorise(model, tok, noisy, forget, opts)
+    assert memorised >= 0.9 and 1 <= epochs < len(opts.memorise_schedule)
+    assert accuracy(model, tok, forget, opts.max_length) == memorised
+    state = {k: v.clone() for k, v in model.state_dict().items()}
+    assert memorise(model, tok, noisy, forget, opts, first_epoch=epochs)[1] == epochs
+    assert all(torch.equal(state[k], v) for k, v in model.state_dict().items())
