@@ -288,7 +288,7 @@ def train_steps(model, tokenizer, forget: TextDataset, retain: TextDataset, conf
         generator.set_state(state["generator"])
         torch.set_rng_state(state["torch_rng"])
         orders, result.history, first = state["orders"], state["history"], state["step"] + 1
-        result.retain_accuracy_before = state["retain_accuracy_before"]
+        result.retain_accuracy_before = state.get("retain_accuracy_before")  # absent in older checkpoints
         if extra_state is not None:
             extra_state.load_state_dict(state["extra"])
     elif config.stop_forget_accuracy is not None and config.stop_retain_drop is not None:
