@@ -135,6 +135,7 @@ def test_stopping_rule_waits_for_the_retain_samples(tok, original, monkeypatch):
     (dict(forget_pull="min"), "forget_pull must be one of"),
     (dict(steps=None, epochs=None), "give steps or epochs"),
     (dict(forget_batch_size=0), "forget_batch_size must be >= 1"),
+    (dict(stop_retain_drop=0.01), "stop_retain_drop needs stop_forget_accuracy"),
 ])
 def test_bad_config(changes, message):
     with pytest.raises(ValueError, match=message):

@@ -67,6 +67,9 @@ class UnlearnConfig:
             raise ValueError(f"forget_pull must be one of {FORGET_PULLS}, got {self.forget_pull!r}")
         if self.steps is None and self.epochs is None:
             raise ValueError("give steps or epochs")
+        if self.stop_retain_drop is not None and self.stop_forget_accuracy is None:
+            raise ValueError("stop_retain_drop needs stop_forget_accuracy: it only delays the stop that the "
+                             "forget accuracy triggers")
         if self.queue_size < 0:
             raise ValueError(f"queue_size must be >= 0, got {self.queue_size}")
         for name in ("forget_batch_size", "retain_batch_size", "max_length", "check_every", "stop_sample",
