@@ -36,13 +36,14 @@ def finetune_retain(model, tokenizer, forget, retain, config, progress=True):
                        desc="fine-tune retain")
 
 
-def retrain(base_model, tokenizer, forget, retain, config, progress=True):
+def retrain(base_model, tokenizer, forget, retain, config, progress=True, desc="retrain"):
     """Gold standard: train the pretrained base on the retain set only. ``config.steps`` (or
-    ``config.epochs`` over the retain set) is the training budget, not an unlearning budget."""
+    ``config.epochs`` over the retain set) is the training budget, not an unlearning budget.
+    ``desc`` labels the progress bar (the demo also trains its original through here)."""
     steps = config.steps if config.steps is not None else \
         max(1, round(config.epochs * len(retain) / config.retain_batch_size))
     return train_steps(base_model, tokenizer, forget, retain, config, _retain_ce_step, steps=steps, forget_batch_size=0,
-                       progress=progress, desc="retrain")
+                       progress=progress, desc=desc)
 
 
 def gradient_ascent(model, tokenizer, forget, retain, config, progress=True):

@@ -109,17 +109,33 @@ def prepare_data(opts: DemoOptions):
     return train, test, chosen, notes
 
 
-def _fit(model, tokenizer, data, opts, seed, steps, learning_rate=5e-5):
+def base_model(label_names):
+    """MiniLM-L6 with a new classification head for ``label_names``. The missing head is
+    expected here, so transformers' load report and loading bars are kept quiet."""
+    from transformers.utils import logging as hf_logging
+
+    verbosity, bars = hf_logging.get_verbosity(), hf_logging.is_progress_bar_enabled()
+    hf_logging.set_verbosity_error()
+    hf_logging.disable_progress_bar()
+    try:
+        return load_classifier(default_model_path(), label_names)
+    finally:
+        hf_logging.set_verbosity(verbosity)
+        if bars:
+            hf_logging.enable_progress_bar()
+
+
+def _fit(model, tokenizer, data, opts, seed, steps, learning_rate=5e-5, desc=None):
     """CE training on ``data`` (AdamW, batch 32): the original, retraining on the retain set,
-    and the timing probe. Returns the UnlearnResult."""
+    and the timing probe. A progress bar labelled ``desc`` when given. Returns the UnlearnResult."""
     cfg = UnlearnConfig(steps=steps, learning_rate=learning_rate, retain_batch_size=32, max_length=opts.max_length,
                         seed=seed)
-    return baselines.retrain(model, tokenizer, data.subset([]), data, cfg, progress=False)
+    return baselines.retrain(model, tokenizer, data.subset([]), data, cfg, progress=desc is not None, desc=desc)
 
 
-def _train(model, tokenizer, data, opts, seed, epochs=None, learning_rate=5e-5):
+def _train(model, tokenizer, data, opts, seed, epochs=None, learning_rate=5e-5, desc=None):
     """Fine-tune on ``data`` for ``epochs`` (default ``opts.train_epochs``); the model."""
-    return _fit(model, tokenizer, data, opts, seed, opts.steps(data, epochs), learning_rate).model
+    return _fit(model, tokenizer, data, opts, seed, opts.steps(data, epochs), learning_rate, desc).model
 
 
 @contextlib.contextmanager
@@ -135,7 +151,7 @@ def dropout_off(model):
             m.p = p
 
 
-def memorise(model, tokenizer, train, forget, opts, first_epoch=0):
+def memorise(model, tokenizer, train, forget, opts, first_epoch=0, progress=False):
     """Noisy scenario: train on the (relabelled) training set an epoch at a time, as
     ``opts.memorise_schedule[first_epoch:]`` says, until the model gives the wrong labels of
     ``forget`` for >= 90% of them. Returns (model, epochs trained so far, that accuracy)."""
@@ -144,7 +160,8 @@ def memorise(model, tokenizer, train, forget, opts, first_epoch=0):
     while memorised < 0.9 and epoch < len(opts.memorise_schedule):
         rate, dropout = opts.memorise_schedule[epoch]
         with contextlib.nullcontext() if dropout else dropout_off(model):
-            model = _train(model, tokenizer, train, opts, opts.seed + 100 + epoch, epochs=1, learning_rate=rate)
+            model = _train(model, tokenizer, train, opts, opts.seed + 100 + epoch, epochs=1, learning_rate=rate,
+                           desc=f"memorise, epoch {epoch + 1}" if progress else None)
         epoch += 1
         memorised = accuracy(model, tokenizer, forget, opts.max_length)
     return model, epoch, memorised
@@ -166,26 +183,27 @@ def _cache_name(opts, model, seed):
     return f"{model}-{data}-seed{seed}" + ("-quick" if opts.quick else "")
 
 
-def train_original(opts, train, forget, cache: Path):
+def train_original(opts, train, forget, cache: Path, progress=False):
     def build():
         start = time.perf_counter()
-        model, tokenizer = load_classifier(default_model_path(), train.label_names)
-        model = _train(model, tokenizer, train, opts, opts.seed)
+        model, tokenizer = base_model(train.label_names)
+        model = _train(model, tokenizer, train, opts, opts.seed, desc="original" if progress else None)
         if opts.scenario == "noisy":
-            model = memorise(model, tokenizer, train, forget, opts)[0]
+            model = memorise(model, tokenizer, train, forget, opts, progress=progress)[0]
         return model, tokenizer, time.perf_counter() - start
 
     return cached_model(cache / _cache_name(opts, "original", opts.seed), train.label_names, build)
 
 
-def train_retrained(opts, retain, cache: Path, seed):
+def train_retrained(opts, retain, cache: Path, seed, progress=False):
     """(model, seconds its training took) for retraining with ``seed``."""
     directory = cache / _cache_name(opts, "retrain", seed)
 
     def build():
         start = time.perf_counter()
-        model, tokenizer = load_classifier(default_model_path(), retain.label_names)
-        return _train(model, tokenizer, retain, opts, seed), tokenizer, time.perf_counter() - start
+        model, tokenizer = base_model(retain.label_names)
+        desc = f"retrain (seed {seed})" if progress else None
+        return _train(model, tokenizer, retain, opts, seed, desc=desc), tokenizer, time.perf_counter() - start
 
     model, _ = cached_model(directory, retain.label_names, build)
     return model, float((directory / "seconds.txt").read_text())
@@ -211,15 +229,15 @@ def scenario_figures(opts, preds, data, label_names):
                 other_classes_test_f1=100 * other_f1)
 
 
-def train_models(opts: DemoOptions, cache: Path):
-    """Train (or load from ``cache``) the original and both retrained models of a scenario.
-    Returns (data dict, original model, tokenizer, [(name, retrained model, seconds)])."""
+def train_models(opts: DemoOptions, cache: Path, progress=False):
+    """Train (or load from ``cache``) the original and both retrained models of a scenario, with
+    progress bars when ``progress``. Returns (data dict, original model, tokenizer, [(name, retrained model, seconds)])."""
     cache.mkdir(parents=True, exist_ok=True)
     train, test, chosen, notes = prepare_data(opts)
     forget, retain = train.partition(chosen)
     data = dict(train=train, test=test, forget=forget, retain=retain, notes=notes)
-    original_model, tokenizer = train_original(opts, train, forget, cache)
-    retrained = [(name, *train_retrained(opts, retain, cache, seed))
+    original_model, tokenizer = train_original(opts, train, forget, cache, progress)
+    retrained = [(name, *train_retrained(opts, retain, cache, seed, progress))
                  for name, seed in (("retrain", opts.seed), ("retrain_seed2", opts.seed + 1))]
     return data, original_model, tokenizer, retrained
 
@@ -228,7 +246,7 @@ def retrain_time_same_run(opts, retain, tokenizer, probe_steps=6):
     """Retraining's time as if it ran now: seconds per step of a few retraining steps timed right
     after the methods (same machine load), times its step count. The cached models' own
     training time may come from another load, so time ratios use this."""
-    model, _ = load_classifier(default_model_path(), retain.label_names)
+    model, _ = base_model(retain.label_names)
     history = _fit(model, tokenizer, retain, opts, 0, probe_steps + 1).history
     per_step = sum(h["seconds"] for h in history[1:]) / probe_steps  # the first step warms up
     return dict(retrain_step_seconds=per_step, retrain_steps=opts.steps(retain),
@@ -239,7 +257,7 @@ def run_demo(opts: DemoOptions, out: Path, progress=True, cache: Path = None):
     """Run every method, write report.json / report.md / report.png into ``out``; return the
     report. Trained models are cached in ``cache`` (default ``<out>/cache``)."""
     out.mkdir(parents=True, exist_ok=True)
-    data, original_model, tokenizer, retrained = train_models(opts, out / "cache" if cache is None else cache)
+    data, original_model, tokenizer, retrained = train_models(opts, out / "cache" if cache is None else cache, progress)
     train, test, forget, retain, notes = (data[k] for k in ("train", "test", "forget", "retain", "notes"))
     rows = {}
 
