@@ -25,11 +25,11 @@ def measure(batch, chunk, max_length, device):
     import torch
 
     from deepcut_fast.unlearning.data import load_bbc_news
-    from deepcut_fast.unlearning.model import default_model_path, encode, load_classifier
+    from deepcut_fast.unlearning.model import encode, load_base_encoder
     from deepcut_fast.unlearning.unlearner import UnlearnConfig, cached_deepcut_step, deepcut_loss
 
     data = load_bbc_news()
-    model, tokenizer = load_classifier(default_model_path(), data.label_names)
+    model, tokenizer = load_base_encoder(data.label_names)
     model.to(device).train()
     cfg = UnlearnConfig(views=2, chunk_size=chunk, max_length=max_length)
 

@@ -29,7 +29,7 @@ from deepcut_fast.evaluation import (Predictions, classification_metrics, gap_to
 from deepcut_fast.unlearning import baselines
 from deepcut_fast.unlearning.data import TextDataset, forget_indices, load_bbc_news, split
 from deepcut_fast.unlearning.files import atomic_write, atomic_write_json, save_model_atomically
-from deepcut_fast.unlearning.model import default_model_path, load_classifier
+from deepcut_fast.unlearning.model import load_base_encoder, load_classifier
 from deepcut_fast.unlearning.unlearner import UnlearnConfig, accuracy
 
 SCENARIOS = ("class", "noisy", "random")
@@ -111,22 +111,6 @@ def prepare_data(opts: DemoOptions):
     return train, test, chosen, notes
 
 
-def base_model(label_names):
-    """MiniLM-L6 with a new classification head for ``label_names``. The missing head is
-    expected here, so transformers' load report and loading bars are kept quiet."""
-    from transformers.utils import logging as hf_logging
-
-    verbosity, bars = hf_logging.get_verbosity(), hf_logging.is_progress_bar_enabled()
-    hf_logging.set_verbosity_error()
-    hf_logging.disable_progress_bar()
-    try:
-        return load_classifier(default_model_path(), label_names)
-    finally:
-        hf_logging.set_verbosity(verbosity)
-        if bars:
-            hf_logging.enable_progress_bar()
-
-
 def _fit(model, tokenizer, data, opts, seed, steps, learning_rate=5e-5, desc=None):
     """CE training on ``data`` (AdamW, batch 32): the original, retraining on the retain set,
     and the timing probe. A progress bar labelled ``desc`` when given. Returns the UnlearnResult."""
@@ -188,7 +172,7 @@ def _cache_name(opts, model, seed):
 def train_original(opts, train, forget, cache: Path, progress=False):
     def build():
         start = time.perf_counter()
-        model, tokenizer = base_model(train.label_names)
+        model, tokenizer = load_base_encoder(train.label_names)
         model = _train(model, tokenizer, train, opts, opts.seed, desc="original" if progress else None)
         if opts.scenario == "noisy":
             model = memorise(model, tokenizer, train, forget, opts, progress=progress)[0]
@@ -203,7 +187,7 @@ def train_retrained(opts, retain, cache: Path, seed, progress=False):
 
     def build():
         start = time.perf_counter()
-        model, tokenizer = base_model(retain.label_names)
+        model, tokenizer = load_base_encoder(retain.label_names)
         desc = f"retrain (seed {seed})" if progress else None
         return _train(model, tokenizer, retain, opts, seed, desc=desc), tokenizer, time.perf_counter() - start
 
@@ -248,7 +232,7 @@ def retrain_time_same_run(opts, retain, tokenizer, probe_steps=6):
     """Retraining's time as if it ran now: seconds per step of a few retraining steps timed right
     after the methods (same machine load), times its step count. The cached models' own
     training time may come from another load, so time ratios use this."""
-    model, _ = base_model(retain.label_names)
+    model, _ = load_base_encoder(retain.label_names)
     history = _fit(model, tokenizer, retain, opts, 0, probe_steps + 1).history
     per_step = sum(h["seconds"] for h in history[1:]) / probe_steps  # the first step warms up
     return dict(retrain_step_seconds=per_step, retrain_steps=opts.steps(retain),

@@ -35,6 +35,23 @@ def load_classifier(path, label_names, task="sequence"):
     return model, tokenizer
 
 
+def load_base_encoder(label_names):
+    """(model, tokenizer): the embedded MiniLM-L6 with a new classification head for
+    ``label_names``. The missing head is expected here, so transformers' load report and
+    loading bars are kept quiet (``load_classifier`` keeps them for a user's checkpoint)."""
+    from transformers.utils import logging as hf_logging
+
+    verbosity, bars = hf_logging.get_verbosity(), hf_logging.is_progress_bar_enabled()
+    hf_logging.set_verbosity_error()
+    hf_logging.disable_progress_bar()
+    try:
+        return load_classifier(default_model_path(), label_names)
+    finally:
+        hf_logging.set_verbosity(verbosity)
+        if bars:
+            hf_logging.enable_progress_bar()
+
+
 def _tokenize(tokenizer, texts, max_length):
     return tokenizer(list(texts), padding=True, truncation=True, max_length=max_length, return_tensors="pt",
                      is_split_into_words=is_word_lists(texts))
