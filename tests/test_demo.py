@@ -1,10 +1,11 @@
 """Integration: the demo pipeline on the real MiniLM and a 300-document subset of BBC News."""
 import json
+import re
 
 import pytest
 import torch
 
-from deepcut_fast.unlearning.demo import METHOD_ORDER, DemoOptions, prepare_data, run_demo
+from deepcut_fast.unlearning.demo import METHOD_ORDER, DemoOptions, _cache_name, prepare_data, run_demo
 
 
 @pytest.fixture(scope="module")
@@ -31,10 +32,27 @@ def test_report_covers_every_method(quick_run):
 def test_rerun_uses_the_cached_models(quick_run):
     out, report = quick_run
     cached = sorted(p.name for p in (out / "cache").iterdir())
-    assert cached == ["original-clean-seed0-quick", "retrain-class-seed0-quick", "retrain-class-seed1-quick"]
+    assert [re.fullmatch(r"(.*)-[0-9a-f]{10}-quick", name).group(1) for name in cached] == \
+        ["original-clean-seed0", "retrain-class-seed0", "retrain-class-seed1"]
     again = run_demo(DemoOptions(quick=True), out, progress=False)
     for name in ("original", "retrain", "retrain_seed2"):  # same models, same figures
         assert again["summary"][name]["test_f1"] == pytest.approx(report["summary"][name]["test_f1"])
+
+
+def test_cache_names_follow_the_training_data():
+    """Forgetting another class must not reuse the retrained model of the first one; the
+    original, trained on the same clean data, is shared."""
+    names = {}
+    for forget_class in ("tech", "sports"):
+        opts = DemoOptions(forget_class=forget_class, quick=True)
+        train, _, chosen, _ = prepare_data(opts)
+        retain = train.partition(chosen)[1]
+        names[forget_class] = (_cache_name(opts, "original", 0, train), _cache_name(opts, "retrain", 0, retain))
+    assert names["tech"][0] == names["sports"][0]
+    assert names["tech"][1] != names["sports"][1]
+    longer = DemoOptions(quick=True)
+    longer.train_epochs *= 2  # quick sets its own budget; a changed one must change the name
+    assert _cache_name(longer, "original", 0, train) != names["sports"][0]
 
 
 def test_unknown_scenario():

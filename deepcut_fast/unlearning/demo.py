@@ -10,11 +10,14 @@ The forget set (and the noisy relabelling) is drawn once with ``data_seed``; ``s
 training of every model, so runs over several seeds measure the same deletion request. The
 original (fine-tuned on the whole training set) and the retrained models (the pretrained base
 trained on the retain set, seeds ``seed`` and ``seed + 1``: the second shows the seed-to-seed
-noise) are cached, by default under ``<out>/cache``, so a rerun skips them. Every output is
+noise) are cached, by default under ``<out>/cache``, so a rerun skips them; each cached name
+fingerprints the model's training data and settings, so a changed request never reuses it. Every output is
 written atomically.
 """
 import contextlib
 import copy
+import hashlib
+import json
 import math
 import random
 import time
@@ -163,10 +166,18 @@ def cached_model(directory: Path, label_names, build):
     return model, tokenizer
 
 
-def _cache_name(opts, model, seed):
+def _cache_name(opts, model, seed, data):
+    """``<model>-<data kind>-seed<seed>-<fingerprint>``: the fingerprint covers what the model is
+    trained on (document ids and labels, epochs, length, the memorising schedule of a noisy
+    original), so another forget class, fraction or setting never reuses a model trained for
+    a different one."""
     # the class and random scenarios share one original: both train on the clean training set
-    data = "noisy" if opts.scenario == "noisy" else "clean" if model == "original" else opts.scenario
-    return f"{model}-{data}-seed{seed}" + ("-quick" if opts.quick else "")
+    kind = "noisy" if opts.scenario == "noisy" else "clean" if model == "original" else opts.scenario
+    recipe = [data.ids, data.labels, opts.train_epochs, opts.max_length]
+    if model == "original" and opts.scenario == "noisy":
+        recipe.append(opts.memorise_schedule)
+    fingerprint = hashlib.sha1(json.dumps(recipe).encode()).hexdigest()[:10]
+    return f"{model}-{kind}-seed{seed}-{fingerprint}" + ("-quick" if opts.quick else "")
 
 
 def train_original(opts, train, forget, cache: Path, progress=False):
@@ -178,12 +189,12 @@ def train_original(opts, train, forget, cache: Path, progress=False):
             model = memorise(model, tokenizer, train, forget, opts, progress=progress)[0]
         return model, tokenizer, time.perf_counter() - start
 
-    return cached_model(cache / _cache_name(opts, "original", opts.seed), train.label_names, build)
+    return cached_model(cache / _cache_name(opts, "original", opts.seed, train), train.label_names, build)
 
 
 def train_retrained(opts, retain, cache: Path, seed, progress=False):
     """(model, seconds its training took) for retraining with ``seed``."""
-    directory = cache / _cache_name(opts, "retrain", seed)
+    directory = cache / _cache_name(opts, "retrain", seed, retain)
 
     def build():
         start = time.perf_counter()
