@@ -2,8 +2,8 @@
 
 Each rank gathers the embeddings, labels, forget flags and instance ids of all ranks (ranks
 may hold different numbers of rows, e.g. token anchors) and computes the loss of the whole
-global batch, exactly SPEC.md's self case on the concatenation: self pairs and same-instance
-rows are excluded by global index, instance ids are offset per rank to stay globally unique,
+global batch, exactly the self case of docs/spec.md on the concatenation: self pairs and
+same-instance rows are excluded by global index, instance ids are offset per rank to stay globally unique,
 and the counts are those of the global batch.
 
 Gradient: the backward of the gather sums the gradient of every rank's loss before taking this
@@ -15,6 +15,8 @@ anchors), cheap next to the encoder for the batch sizes the encoder allows.
 """
 import torch
 import torch.distributed as dist
+
+from deepcut_fast.reference import default_instance_ids
 
 
 class _GatherRows(torch.autograd.Function):
@@ -62,7 +64,7 @@ def gather_batch(z, labels, forget_mask, instance_ids, group):
     sizes = _all_sizes(z.shape[0], z.device, group)
     rank = dist.get_rank(group)
     if instance_ids is None:
-        instance_ids = torch.arange(z.shape[0], device=z.device)
+        instance_ids = default_instance_ids(z.shape[0], z.device)
     # ids shifted to start at 0, then offset by rank * (largest id count of any rank): unique globally
     instance_ids = instance_ids.to(torch.long) - instance_ids.min()
     span = (instance_ids.max() + 1).reshape(1)

@@ -12,7 +12,8 @@ import torch.nn.functional as F
 from torch import Tensor
 
 from deepcut_fast import compiled
-from deepcut_fast.reference import NORM_EPS, contrastive_unlearn_loss_reference
+from deepcut_fast.reference import (NORM_EPS, contrastive_unlearn_loss_reference, default_instance_ids,
+                                    reduce_anchor_losses)
 
 FUSED_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
 BACKENDS = ("auto", "triton", "cuda", "cpu", "reference")
@@ -153,19 +154,10 @@ def contrastive_unlearn_loss(z, labels, forget_mask, instance_ids, candidates, c
         return F.normalize(x.float(), dim=1, eps=NORM_EPS).to(x.dtype) if normalize else x
 
     if instance_ids is None:
-        instance_ids = torch.arange(z.shape[0], device=z.device)
+        instance_ids = default_instance_ids(z.shape[0], z.device)
     per_anchor, _, _, count = contrast_forward(
         unit_rows(z), labels, forget_mask, instance_ids,
         None if candidates is None else unit_rows(candidates), candidate_labels,
         float(temperature), forget_pull == "logsumexp", int(ignore_index), backend)
-    if reduction == "none":
-        return per_anchor.to(z.dtype)
-    counted = count > 0
-    forget_rows = (counted & forget_mask).float()
-    retain_rows = (counted & ~forget_mask).float()
-    forget_part = (per_anchor * forget_rows).sum()
-    retain_part = (per_anchor * retain_rows).sum()
-    if reduction == "mean":  # a group with no counted anchor adds 0
-        forget_part = forget_part / forget_rows.sum().clamp(min=1)
-        retain_part = retain_part / retain_rows.sum().clamp(min=1)
-    return (forget_weight * forget_part + retain_weight * retain_part).to(z.dtype)
+    loss = reduce_anchor_losses(per_anchor, count > 0, forget_mask, forget_weight, retain_weight, reduction)
+    return loss.to(z.dtype)

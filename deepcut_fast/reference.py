@@ -1,4 +1,4 @@
-"""Plain PyTorch reference of the DeepCUT contrastive loss (SPEC.md section 2).
+"""Plain PyTorch reference of the DeepCUT contrastive loss (docs/spec.md, section 2).
 
 It materialises the M x N similarity matrix and every mask, so it is easy to check by
 reading and is the oracle of every test and the baseline of every benchmark. It is not
@@ -8,6 +8,27 @@ import torch
 import torch.nn.functional as F
 
 NORM_EPS = 1e-12
+
+
+def default_instance_ids(rows, device):
+    """Every row its own instance: the default when no instance ids are given."""
+    return torch.arange(rows, device=device)
+
+
+def reduce_anchor_losses(per_anchor, counted, forget_mask, forget_weight, retain_weight, reduction):
+    """The loss from per-anchor losses (docs/spec.md): anchors not ``counted`` (no positive, or
+    ignored) add nothing; "mean" divides each group by its counted anchors (an empty group adds
+    0), "sum" does not, "none" returns ``per_anchor``. Shared by the reference and the fused path."""
+    if reduction == "none":
+        return per_anchor
+    forget_rows = counted & forget_mask
+    retain_rows = counted & ~forget_mask
+    forget_total = torch.where(forget_rows, per_anchor, 0.0).sum()
+    retain_total = torch.where(retain_rows, per_anchor, 0.0).sum()
+    if reduction == "mean":
+        forget_total = forget_total / forget_rows.sum().clamp(min=1)
+        retain_total = retain_total / retain_rows.sum().clamp(min=1)
+    return forget_weight * forget_total + retain_weight * retain_total
 
 
 def pair_masks(labels, forget_mask, candidate_labels, instance_ids, self_case, ignore_index):
@@ -42,7 +63,7 @@ def contrastive_unlearn_loss_reference(
     if self_case:
         c, candidate_labels = u, labels
         if instance_ids is None:
-            instance_ids = torch.arange(z.shape[0], device=z.device)
+            instance_ids = default_instance_ids(z.shape[0], z.device)
     else:
         c = F.normalize(candidates, dim=1, eps=NORM_EPS) if normalize else candidates
     s = u @ c.T / temperature
@@ -61,13 +82,4 @@ def contrastive_unlearn_loss_reference(
     use_lse = forget_mask & (forget_pull == "logsumexp")
     per_anchor = torch.where(counted, lse_a - torch.where(use_lse, lse_pos, mean_pos), 0.0)
 
-    if reduction == "none":
-        return per_anchor
-    forget_rows = counted & forget_mask
-    retain_rows = counted & ~forget_mask
-    forget_total = torch.where(forget_rows, per_anchor, 0.0).sum()
-    retain_total = torch.where(retain_rows, per_anchor, 0.0).sum()
-    if reduction == "mean":  # a group with no counted anchor adds 0
-        forget_total = forget_total / forget_rows.sum().clamp(min=1)
-        retain_total = retain_total / retain_rows.sum().clamp(min=1)
-    return forget_weight * forget_total + retain_weight * retain_total
+    return reduce_anchor_losses(per_anchor, counted, forget_mask, forget_weight, retain_weight, reduction)
