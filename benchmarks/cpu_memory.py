@@ -18,7 +18,8 @@ from pathlib import Path
 REPO_ROOT = Path(__file__).resolve().parents[1]
 
 
-def _status_kib(field):
+def status_kib(field):
+    """A memory figure of this process from /proc/self/status (VmRSS, VmHWM, ...), in KiB."""
     with open("/proc/self/status") as f:
         for line in f:
             if line.startswith(field + ":"):
@@ -26,24 +27,30 @@ def _status_kib(field):
     raise RuntimeError(f"{field} not in /proc/self/status")
 
 
-def measure(backend, rows, dim, views=2, classes=5, forget_fraction=0.1, temperature=0.5):
-    import torch
+TEMPERATURE = 0.5
 
+
+def workload(rows, dim):
+    """The CPU benchmark's batch: fp32, 5 classes, 2 views of each sample, 10% forget."""
+    from deepcut_fast.testing import synthetic_batch
+
+    return synthetic_batch(rows // 2, dim, views=2, classes=5, forget_fraction=0.1, class_separation=1.0,
+                           view_noise=0.2)
+
+
+def measure(backend, rows, dim):
     from deepcut_fast import contrastive_unlearn_loss
-    from deepcut_fast.cli import _example_batch
 
     def run(rows):
-        z, labels, forget, ids = _example_batch(rows, dim, classes, views, forget_fraction, "cpu",
-                                                torch.float32, seed=0)
-        z.requires_grad_()
-        return lambda: contrastive_unlearn_loss(z, labels, forget, instance_ids=ids, temperature=temperature,
-                                                backend=backend).backward()
+        batch = workload(rows, dim)
+        batch["z"].requires_grad_()
+        return lambda: contrastive_unlearn_loss(**batch, temperature=TEMPERATURE, backend=backend).backward()
 
     run(256)()  # one-time costs (thread pools, BLAS workspaces, lazy init) are not the loss's
     step = run(rows)
     with open("/proc/self/clear_refs", "w") as f:
         f.write("5")  # reset the peak RSS to the current RSS
-    before = _status_kib("VmRSS")
+    before = status_kib("VmRSS")
     try:
         step()
     except (MemoryError, RuntimeError) as err:
@@ -51,7 +58,7 @@ def measure(backend, rows, dim, views=2, classes=5, forget_fraction=0.1, tempera
             raise
         return dict(backend=backend, rows=rows, dim=dim, oom=True, error=str(err).splitlines()[0][:200])
     return dict(backend=backend, rows=rows, dim=dim, oom=False,
-                peak_extra_bytes=(_status_kib("VmHWM") - before) * 1024)
+                peak_extra_bytes=(status_kib("VmHWM") - before) * 1024)
 
 
 def peak_extra_memory(backend, rows, dim, limit_gb=None, timeout=3600):

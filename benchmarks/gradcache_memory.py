@@ -18,7 +18,7 @@ import sys
 import time
 from pathlib import Path
 
-from benchmarks.cpu_memory import REPO_ROOT, _status_kib
+from benchmarks.cpu_memory import REPO_ROOT, status_kib
 
 
 def measure(batch, chunk, max_length, device):
@@ -52,14 +52,14 @@ def measure(batch, chunk, max_length, device):
     else:
         with open("/proc/self/clear_refs", "w") as f:
             f.write("5")  # reset the peak RSS to the current RSS
-        before = _status_kib("VmRSS") * 1024
+        before = status_kib("VmRSS") * 1024
     start = time.perf_counter()
     step(batch)
     if device == "cuda":
         torch.cuda.synchronize()
         peak = torch.cuda.max_memory_allocated()
     else:
-        peak = _status_kib("VmHWM") * 1024
+        peak = status_kib("VmHWM") * 1024
     return dict(batch=batch, chunk=chunk, seconds=time.perf_counter() - start, peak_extra_bytes=peak - before)
 
 

@@ -20,7 +20,8 @@ from typing import Callable, Optional
 import torch
 import torch.nn.functional as F
 
-from deepcut_fast import contrastive_unlearn_loss, contrastive_unlearn_loss_reference, ops
+from deepcut_fast import available_backends, contrastive_unlearn_loss, contrastive_unlearn_loss_reference
+from deepcut_fast.testing import synthetic_batch
 
 WORKLOADS = ("self", "candidates", "supcon", "one_positive")
 TEMPERATURE = 0.1
@@ -60,15 +61,12 @@ def make_workload(name, rows, dim, dtype, device, seed=0):
         return torch.randint(0, high, (n,), generator=g).to(device)
 
     no_forget = torch.zeros(rows, dtype=torch.bool, device=device)
-    if name == "self":
-        samples = rows // VIEWS
-        ids = torch.arange(samples, device=device).repeat_interleave(VIEWS)
-        forget = (torch.rand(samples, generator=g) < 0.1).to(device).repeat_interleave(VIEWS)
-        return Workload(name, rand(samples * VIEWS, dim), ints(CLASSES, samples).repeat_interleave(VIEWS),
-                        forget, ids, None, None)
-    if name == "candidates":
-        return Workload(name, rand(rows, dim), ints(CLASSES, rows), torch.rand(rows, generator=g).to(device) < 0.1,
-                        None, rand(rows, dim), ints(CLASSES, rows))
+    if name in ("self", "candidates"):
+        views = VIEWS if name == "self" else 1
+        b = synthetic_batch(rows // views, dim, views=views, classes=CLASSES, forget_fraction=0.1,
+                            candidates=rows if name == "candidates" else None, seed=seed, device=device, dtype=dtype)
+        return Workload(name, b["z"], b["labels"], b["forget_mask"], b["instance_ids"], b.get("candidates"),
+                        b.get("candidate_labels"))
     if name == "supcon":
         return Workload(name, rand(rows, dim), ints(CLASSES, rows), no_forget, None, None, None)
     if name == "one_positive":
@@ -88,7 +86,7 @@ class Method:
 def _backend(name):
     return Method(
         name=name, workloads=WORKLOADS,
-        unavailable=lambda device, dtype: ops.backend_unavailable_reason(name, device, dtype),
+        unavailable=lambda device, dtype: available_backends(device, dtype)[name],
         build=lambda: lambda w: contrastive_unlearn_loss(w.z, w.labels, w.forget_mask, backend=name, **w.loss_kwargs()))
 
 

@@ -17,9 +17,9 @@ import time
 from dataclasses import replace
 from pathlib import Path
 
-from deepcut_fast.evaluation import gap_to, headline, predict_sets, report_from_predictions
 from deepcut_fast.unlearning.baselines import deepcut
 from deepcut_fast.unlearning.demo import SCENARIOS, DemoOptions, retrain_time_same_run, scenario_figures, train_models
+from deepcut_fast.unlearning.evaluation import gap_to, headline, predict_sets, report_from_predictions
 
 
 def parse_overrides(text):

@@ -15,31 +15,21 @@ import time
 
 import torch
 
-from deepcut_fast import contrastive_unlearn_loss, ops
+from deepcut_fast import available_backends, contrastive_unlearn_loss
+from deepcut_fast.testing import synthetic_batch
+from deepcut_fast.unlearning.demo import SCENARIOS, DemoOptions
+from deepcut_fast.unlearning.model import EMBEDDINGS
+from deepcut_fast.unlearning.unlearner import CHECKPOINT_EVERY, UnlearnConfig
 
 DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
 
 
-def _example_batch(rows, dim, classes, views, forget_fraction, device, dtype, seed):
-    """Views of a sample are noisy copies of one embedding, like dropout passes of one text."""
-    g = torch.Generator().manual_seed(seed)
-    samples = rows // views
-    centers = torch.randn(classes, dim, generator=g)
-    labels = torch.randint(0, classes, (samples,), generator=g)
-    base = centers[labels] + torch.randn(samples, dim, generator=g)
-    z = base.repeat_interleave(views, 0) + 0.2 * torch.randn(samples * views, dim, generator=g)
-    forget = (torch.rand(samples, generator=g) < forget_fraction).repeat_interleave(views)
-    return (z.to(device, dtype), labels.repeat_interleave(views).to(device), forget.to(device),
-            torch.arange(samples).repeat_interleave(views).to(device))
-
-
-def _run(backend, z, labels, forget, instance_ids, temperature):
-    z = z.detach().clone().requires_grad_()
+def _run(backend, batch, temperature):
+    z = batch["z"].detach().clone().requires_grad_()
     if z.is_cuda:
         torch.cuda.synchronize()
     start = time.perf_counter()
-    loss = contrastive_unlearn_loss(z, labels, forget, instance_ids=instance_ids,
-                                    temperature=temperature, backend=backend)
+    loss = contrastive_unlearn_loss(**dict(batch, z=z), temperature=temperature, backend=backend)
     loss.backward()
     if z.is_cuda:
         torch.cuda.synchronize()
@@ -49,20 +39,19 @@ def _run(backend, z, labels, forget, instance_ids, temperature):
 def check(args):
     device = torch.device(args.device)
     dtype = DTYPES[args.dtype]
-    batch = _example_batch(args.rows, args.dim, args.classes, args.views, args.forget_fraction,
-                           device, dtype, args.seed)
-    wide = (batch[0].double(),) + batch[1:]
-    ref_loss, ref_grad, _ = _run("reference", *wide, args.temperature)
-    print(f"rows={batch[0].shape[0]} dim={args.dim} dtype={args.dtype} device={device} "
+    batch = synthetic_batch(args.rows // args.views, args.dim, views=args.views, classes=args.classes,
+                            forget_fraction=args.forget_fraction, class_separation=1.0, view_noise=0.2,
+                            seed=args.seed, device=device, dtype=dtype)
+    ref_loss, ref_grad, _ = _run("reference", dict(batch, z=batch["z"].double()), args.temperature)
+    print(f"rows={batch['z'].shape[0]} dim={args.dim} dtype={args.dtype} device={device} "
           f"temperature={args.temperature}; reference in float64: loss {ref_loss.item():.6f}")
     print(f"{'backend':<10} {'loss':>12} {'max|dgrad|/max|grad|':>22} {'fwd+bwd s':>10}")
     failures = 0
-    for backend in [b for b in ops.BACKENDS if b != "auto"]:
-        reason = ops.backend_unavailable_reason(backend, device, dtype)
+    for backend, reason in available_backends(device, dtype).items():
         if reason is not None:
             print(f"{backend:<10} unavailable: {reason}")
             continue
-        loss, grad, seconds = _run(backend, *batch, args.temperature)
+        loss, grad, seconds = _run(backend, batch, args.temperature)
         err = ((grad.double() - ref_grad).abs().max() / ref_grad.abs().max()).item()
         failures += not torch.isfinite(loss).item()
         print(f"{backend:<10} {loss.item():>12.6f} {err:>22.2e} {seconds:>10.3f}")
@@ -73,15 +62,12 @@ def demo(args):
     from dataclasses import replace
     from pathlib import Path
 
-    from deepcut_fast.unlearning.demo import DemoOptions, markdown_table, run_demo, scenario_config
+    from deepcut_fast.unlearning.demo import markdown_table, run_demo, scenario_config
 
-    overrides = {k: getattr(args, k) for k in ("gamma", "temperature", "steps", "views", "embedding")
-                 if getattr(args, k) is not None}
-    if args.lr is not None:
-        overrides["learning_rate"] = args.lr
-    unlearn = replace(scenario_config(args.scenario, args.max_length, args.seed), **overrides)
+    tuned = scenario_config(args.scenario, args.max_length, args.seed)
     opts = DemoOptions(scenario=args.scenario, forget_class=args.forget_class, seed=args.seed,
-                       train_epochs=args.train_epochs, max_length=args.max_length, unlearn=unlearn, quick=args.quick)
+                       train_epochs=args.train_epochs, max_length=args.max_length,
+                       unlearn=replace(tuned, **_given(args, DEMO_TUNABLE)), quick=args.quick)
     out = Path(args.out)
     report = run_demo(opts, out, cache=Path(args.cache) if args.cache else None)
     print(markdown_table(report))
@@ -101,15 +87,11 @@ def _data_options(args):
 
 def unlearn(args):
     from deepcut_fast.unlearning.job import run_unlearn_job
-    from deepcut_fast.unlearning.unlearner import UnlearnConfig
 
-    embedding = args.embedding or ("token" if args.task == "token" else "cls")
-    config = UnlearnConfig(gamma=args.gamma, temperature=args.temperature, steps=args.steps, learning_rate=args.lr,
-                           views=args.views, embedding=embedding, layer=args.layer, max_length=args.max_length,
-                           stop_forget_accuracy=args.stop_forget_accuracy, stop_retain_drop=args.stop_retain_drop,
-                           seed=args.seed,
-                           forget_batch_size=args.forget_batch_size, retain_batch_size=args.retain_batch_size,
-                           chunk_size=args.chunk_size, queue_size=args.queue_size)
+    settings = _given(args, CONFIG_OPTIONS)
+    if args.task == "token":
+        settings.setdefault("embedding", "token")
+    config = UnlearnConfig(**settings)
     spec, columns = _data_options(args)
     report = run_unlearn_job(args.model, args.data, args.out, config, spec, test_path=args.test, columns=columns,
                              checkpoint_every=args.checkpoint_every, task=args.task)
@@ -142,6 +124,57 @@ def evaluate(args):
     return 0
 
 
+# UnlearnConfig fields that `unlearn` exposes: field -> (flag, type or choices, help). Defaults
+# are the config's own (shown in --help); an option left out keeps it.
+CONFIG_OPTIONS = {
+    "steps": ("--steps", int, "most unlearning steps"),
+    "gamma": ("--gamma", float, "weight of the contrastive loss against the retain cross-entropy"),
+    "temperature": ("--temperature", float, "temperature of the contrastive loss"),
+    "learning_rate": ("--lr", float, "AdamW learning rate"),
+    "views": ("--views", int, "dropout passes of each batch (contrast views)"),
+    "embedding": ("--embedding", EMBEDDINGS, "embedding contrasted (token task: token)"),
+    "layer": ("--layer", int, "hidden layer of the embedding (-1: last)"),
+    "max_length": ("--max-length", int, "tokens per text"),
+    "stop_forget_accuracy": ("--stop-forget-accuracy", float,
+                             "stop once accuracy on (a sample of) the forget set is at most this"),
+    "stop_retain_drop": ("--stop-retain-drop", float,
+                         "with --stop-forget-accuracy: also wait until retain accuracy is within this of its start"),
+    "forget_batch_size": ("--forget-batch-size", int,
+                          "forget samples per step, over all processes (the effective batch is both sizes)"),
+    "retain_batch_size": ("--retain-batch-size", int, "retain samples per step, over all processes"),
+    "chunk_size": ("--chunk-size", int, "gradient caching: embed each process's batch in chunks of this many samples"),
+    "queue_size": ("--queue-size", int, "queue of recent retain embeddings (0: none)"),
+    "seed": ("--seed", int, "seed of the batches and dropout"),
+}
+DEMO_TUNABLE = {k: CONFIG_OPTIONS[k] for k in ("steps", "gamma", "temperature", "learning_rate", "views", "embedding")}
+
+
+def _dest(flag):
+    return flag.lstrip("-").replace("-", "_")
+
+
+def _add_config_options(parser, options, default_text):
+    """One option per UnlearnConfig field in ``options``; it stays None unless given."""
+    for name, (flag, kind, text) in options.items():
+        typed = dict(choices=kind) if isinstance(kind, tuple) else dict(type=kind)
+        parser.add_argument(flag, **typed, default=None, help=f"{text} (default: {default_text(name)})")
+
+
+def _given(args, options):
+    """{UnlearnConfig field: value} of the options the user gave."""
+    values = {name: getattr(args, _dest(flag)) for name, (flag, _, _) in options.items()}
+    return {name: value for name, value in values.items() if value is not None}
+
+
+def _config_default(name):
+    value = getattr(UnlearnConfig, name)
+    return "off" if value is None else value
+
+
+def _demo_default(name):
+    return DemoOptions.__dataclass_fields__[name].default
+
+
 def _add_data_arguments(parser):
     parser.add_argument("--data", required=True, help="training data (.csv or .jsonl; token task: .jsonl)")
     parser.add_argument("--test", default=None, help="held-out data for the membership-inference figures")
@@ -163,54 +196,32 @@ def main(argv=None):
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
     sub = parser.add_subparsers(dest="command", required=True)
     d = sub.add_parser("demo", help="offline DeepCUT demo on BBC News with MiniLM-L6")
-    d.add_argument("--scenario", choices=["class", "noisy", "random"], default="class")
-    d.add_argument("--forget-class", default="tech", help="class scenario: the class to forget")
-    d.add_argument("--seed", type=int, default=0)
+    d.add_argument("--scenario", choices=SCENARIOS, default=_demo_default("scenario"))
+    d.add_argument("--forget-class", default=_demo_default("forget_class"), help="class scenario: the class to forget")
+    d.add_argument("--seed", type=int, default=_demo_default("seed"))
     d.add_argument("--out", default="runs/demo", help="output folder")
     d.add_argument("--cache", default=None, help="folder of the cached trained models (default <out>/cache)")
-    d.add_argument("--train-epochs", type=float, default=2.0, help="epochs (batch 32) of the original and retraining")
-    tuned = "default: the scenario's tuned setting"
-    d.add_argument("--steps", type=int, default=None, help=f"most unlearning steps of every method ({tuned})")
-    d.add_argument("--gamma", type=float, default=None, help=tuned)
-    d.add_argument("--temperature", type=float, default=None, help=tuned)
-    d.add_argument("--lr", type=float, default=None, help=tuned)
-    d.add_argument("--views", type=int, default=None, help=tuned)
-    d.add_argument("--embedding", choices=["cls", "mean", "pooler"], default=None, help=tuned)
-    d.add_argument("--max-length", type=int, default=64)
+    d.add_argument("--train-epochs", type=float, default=_demo_default("train_epochs"),
+                   help="epochs of the original and retraining")
+    d.add_argument("--max-length", type=int, default=_demo_default("max_length"), help="tokens per document")
+    _add_config_options(d, DEMO_TUNABLE, lambda name: "the scenario's tuned setting")
     d.add_argument("--quick", action="store_true", help="300 documents and a few steps: a smoke test")
     d.set_defaults(func=demo)
     u = sub.add_parser("unlearn", help="DeepCUT on your fine-tuned model and data")
     u.add_argument("--model", required=True, help="directory of a fine-tuned transformers classifier")
     u.add_argument("--out", required=True, help="output folder; rerun with the same one to resume")
     _add_data_arguments(u)
-    u.add_argument("--steps", type=int, default=10)
-    u.add_argument("--gamma", type=float, default=1.0)
-    u.add_argument("--temperature", type=float, default=0.5)
-    u.add_argument("--lr", type=float, default=5e-5)
-    u.add_argument("--views", type=int, default=2)
-    u.add_argument("--embedding", choices=["cls", "mean", "pooler", "token"], default=None,
-                   help="default: token for the token task, cls otherwise")
-    u.add_argument("--layer", type=int, default=-1)
-    u.add_argument("--max-length", type=int, default=96)
-    u.add_argument("--stop-forget-accuracy", type=float, default=None,
-                   help="stop once accuracy on (a sample of) the forget set is at most this")
-    u.add_argument("--stop-retain-drop", type=float, default=None,
-                   help="with --stop-forget-accuracy: also wait until retain accuracy is within this of its start")
-    u.add_argument("--checkpoint-every", type=int, default=5)
-    u.add_argument("--forget-batch-size", type=int, default=16,
-                   help="forget samples per step, over all processes (the effective batch is both sizes)")
-    u.add_argument("--retain-batch-size", type=int, default=32, help="retain samples per step, over all processes")
-    u.add_argument("--chunk-size", type=int, default=None,
-                   help="gradient caching: embed each process's batch in chunks of this many samples")
-    u.add_argument("--queue-size", type=int, default=0, help="queue of recent retain embeddings (0: none)")
-    u.add_argument("--seed", type=int, default=0)
+    _add_config_options(u, CONFIG_OPTIONS, _config_default)
+    u.add_argument("--checkpoint-every", type=int, default=CHECKPOINT_EVERY,
+                   help=f"steps between checkpoints (default: {CHECKPOINT_EVERY})")
     u.set_defaults(func=unlearn)
     e = sub.add_parser("evaluate", help="forget / retain / test figures of a model, and gaps to a reference")
     e.add_argument("--model", required=True, help="directory of the model to evaluate")
     e.add_argument("--reference", default=None, help="directory of the reference (e.g. retrained) model")
     e.add_argument("--out", required=True, help="report file (JSON)")
     _add_data_arguments(e)
-    e.add_argument("--max-length", type=int, default=96)
+    e.add_argument("--max-length", type=int, default=UnlearnConfig.max_length,
+                   help=f"tokens per text (default: {UnlearnConfig.max_length}, as unlearn)")
     e.set_defaults(func=evaluate)
     p = sub.add_parser("check", help="run every available backend against the reference")
     p.add_argument("--rows", type=int, default=512, help="anchor rows (samples x views)")

@@ -1,5 +1,5 @@
-"""Public API: the DeepCUT contrastive unlearning loss (SPEC.md section 2), with argument checks."""
-from typing import Optional
+"""Public API: the DeepCUT contrastive unlearning loss (docs/spec.md, section 2), with argument checks."""
+from typing import Dict, Optional
 
 import torch
 from torch import Tensor, nn
@@ -9,6 +9,14 @@ from deepcut_fast import ops
 FORGET_PULLS = ("logsumexp", "mean")
 REDUCTIONS = ("mean", "sum", "none")
 FLOAT_DTYPES = (torch.float64,) + ops.FUSED_DTYPES
+BACKENDS = ops.BACKENDS  # the values of ``backend=``; "auto" picks one of the others
+
+
+def available_backends(device="cpu", dtype=torch.float32) -> Dict[str, Optional[str]]:
+    """Every concrete backend (all of BACKENDS but "auto") mapped to None where it runs on
+    ``device`` with ``dtype``, else to the reason it cannot (missing build, wrong device, ...)."""
+    device = torch.device(device)
+    return {b: ops.backend_unavailable_reason(b, device, dtype) for b in BACKENDS if b != "auto"}
 
 
 def _check_vector(name, value, length, kind, device):
@@ -119,8 +127,8 @@ def contrastive_unlearn_loss(
         raise ValueError(f"forget_pull must be one of {FORGET_PULLS}, got {forget_pull!r}")
     if reduction not in REDUCTIONS:
         raise ValueError(f"reduction must be one of {REDUCTIONS}, got {reduction!r}")
-    if backend not in ops.BACKENDS:
-        raise ValueError(f"backend must be one of {ops.BACKENDS}, got {backend!r}")
+    if backend not in BACKENDS:
+        raise ValueError(f"backend must be one of {BACKENDS}, got {backend!r}")
     if not torch.compiler.is_compiling():
         _check_values(z, labels, candidates, candidate_labels, ignore_index)
     local = slice(None)

@@ -1,4 +1,4 @@
-"""Fused Triton kernels of the DeepCUT contrastive loss (SPEC.md section 2).
+"""Fused Triton kernels of the DeepCUT contrastive loss (docs/spec.md, section 2).
 
 Forward: one program per block of anchors streams over candidate tiles and keeps, per anchor,
 an online log-sum-exp over the contrast set A(i), another over the positives P(i) (for the
@@ -290,7 +290,7 @@ backward_candidate_kernel = _autotuned(_backward_candidate_kernel, GPU_BACKWARD_
                                        INTERPRET_BACKWARD_CONFIGS)
 
 
-def _precision(dtype):
+def dot_precision(dtype):
     """fp32 dots follow torch's matmul setting (TF32 only when the user allowed it); the
     setting does not affect fp16/bf16 dots, which always use tensor cores."""
     if dtype == torch.float32 and torch.get_float32_matmul_precision() != "highest":
@@ -307,7 +307,7 @@ def _launch_args(u, labels, forget, instance_ids, candidates, candidate_labels, 
     c_labels = labels if self_case else candidate_labels
     tensors = (u, c, labels, forget, instance_ids, c_labels, forget, instance_ids)
     flags = dict(SELF=self_case, PULL_LSE=pull_lse, UPCAST=INTERPRET,
-                 PRECISION="ieee" if INTERPRET else _precision(u.dtype))
+                 PRECISION="ieee" if INTERPRET else dot_precision(u.dtype))
     scalars = (u.shape[0], c.shape[0], u.shape[1], u.stride(0), c.stride(0))
     return tensors, scalars, flags, LOG2E.value / temperature, ignore_index
 

@@ -18,10 +18,10 @@ from triton.compiler import ASTSource  # noqa: E402
 
 from deepcut_fast.kernels import contrastive as k  # noqa: E402
 
-KERNELS = {
-    "forward": (k._forward_kernel, k.GPU_FORWARD_CONFIGS),
-    "backward_anchor": (k._backward_anchor_kernel, k.GPU_BACKWARD_CONFIGS),
-    "backward_candidate": (k._backward_candidate_kernel, k.GPU_BACKWARD_CONFIGS),
+KERNELS = {  # the autotuned launchers' kernels (.fn), compiled once per config
+    "forward": (k.forward_kernel.fn, k.GPU_FORWARD_CONFIGS),
+    "backward_anchor": (k.backward_anchor_kernel.fn, k.GPU_BACKWARD_CONFIGS),
+    "backward_candidate": (k.backward_candidate_kernel.fn, k.GPU_BACKWARD_CONFIGS),
 }
 DTYPES = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}
 ARG_TYPES = {  # U and C take the input dtype; every other argument is a constexpr
@@ -50,7 +50,7 @@ def variants(arch):
         for dtype_name, dtype in DTYPES.items():
             for index, config in enumerate(configs):
                 yield dict(kernel=kernel, dtype=dtype_name, config=index, self_case=True, pull_lse=True,
-                           precision=k._precision(dtype))
+                           precision=k.dot_precision(dtype))
         yield dict(kernel=kernel, dtype="bf16", config=0, self_case=False, pull_lse=False, precision="ieee")
         yield dict(kernel=kernel, dtype="fp32", config=0, self_case=True, pull_lse=True, precision="tf32")
 

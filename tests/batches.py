@@ -2,6 +2,7 @@
 import torch
 
 from deepcut_fast import contrastive_unlearn_loss_reference
+from deepcut_fast.testing import synthetic_batch
 
 # Unit roundoff of each input dtype; tolerances below scale with it and with 1/temperature,
 # because similarities of rounded unit vectors are off by ~eps and the loss divides them by tau.
@@ -21,27 +22,10 @@ def gradient_scale(reference_grad, temperature, rows):
     return max(reference_grad.abs().max().item(), 1.0 / (temperature * rows))
 
 
-def make_batch(samples, dim, *, classes=3, views=1, forget_frac=0.3, ignore_frac=0.0,
-               n_candidates=None, seed=0, device="cpu", dtype=torch.float32, whole_class=None):
-    """A batch of `samples` x `views` rows: views of a sample are noisy copies of one embedding
-    (like dropout passes), sharing label, forget flag and instance id."""
-    g = torch.Generator().manual_seed(seed)
-    base = torch.randn(samples, dim, generator=g)
-    z = base.repeat_interleave(views, 0) + 0.3 * torch.randn(samples * views, dim, generator=g)
-    sample_labels = torch.randint(0, classes, (samples,), generator=g)
-    sample_forget = torch.rand(samples, generator=g) < forget_frac
-    if whole_class is not None:
-        sample_forget = sample_labels == whole_class
-    labels = sample_labels.repeat_interleave(views)
-    labels[torch.rand(samples * views, generator=g) < ignore_frac] = -100
-    batch = dict(z=z.to(dtype), labels=labels, forget_mask=sample_forget.repeat_interleave(views),
-                 instance_ids=torch.arange(samples).repeat_interleave(views))
-    if n_candidates is not None:
-        candidate_labels = torch.randint(0, classes, (n_candidates,), generator=g)
-        candidate_labels[torch.rand(n_candidates, generator=g) < ignore_frac] = -100
-        batch.update(candidates=torch.randn(n_candidates, dim, generator=g).to(dtype),
-                     candidate_labels=candidate_labels)
-    return {k: v.to(device) for k, v in batch.items()}
+def make_batch(samples, dim, *, forget_frac=0.3, ignore_frac=0.0, n_candidates=None, **options):
+    """``synthetic_batch`` with the tests' argument names."""
+    return synthetic_batch(samples, dim, forget_fraction=forget_frac, ignore_fraction=ignore_frac,
+                           candidates=n_candidates, **options)
 
 
 def loss_and_grads(loss_fn, batch, upstream=None, **options):

@@ -13,10 +13,10 @@ os.environ.setdefault("HF_HUB_OFFLINE", "1")  # models and tokenizers come from 
 
 import pytest  # noqa: E402
 
-from deepcut_fast import ops  # noqa: E402
+from deepcut_fast import BACKENDS, available_backends  # noqa: E402
 
 DEVICE = torch.device("cuda" if torch.cuda.is_available() else "cpu")
-FUSED_BACKENDS = [b for b in ops.BACKENDS if b not in ("auto", "reference")]
+FUSED_BACKENDS = [b for b in BACKENDS if b not in ("auto", "reference")]
 
 
 def backend_device(backend):
@@ -28,6 +28,6 @@ def available_fused_backends():
     """Every fused backend that runs here; one parity suite covers them all."""
     params = []
     for b in FUSED_BACKENDS:
-        reason = ops.backend_unavailable_reason(b, backend_device(b), torch.float32)
+        reason = available_backends(backend_device(b))[b]
         params.append(pytest.param(b, marks=pytest.mark.skipif(reason is not None, reason=str(reason))))
     return params

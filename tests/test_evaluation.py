@@ -2,9 +2,11 @@
 import numpy as np
 import pytest
 
-from deepcut_fast.evaluation import (Predictions, classification_metrics, evaluate, gap_to, headline, loss_mia_auc,
-                                     svc_mia_efficacy)
+import torch
+
 from deepcut_fast.unlearning.data import forget_indices
+from deepcut_fast.unlearning.evaluation import (Predictions, classification_metrics, evaluate, gap_to, headline,
+                                                loss_mia_auc, svc_mia_efficacy)
 from tiny_models import tiny_bert, tokenizer, toy_corpus
 
 
@@ -65,8 +67,25 @@ def test_evaluate_end_to_end():
     tok = tokenizer()
     data = toy_corpus(per_class=8)
     forget, retain = data.partition(forget_indices(data, forget_class="tech"))
-    report = evaluate(tiny_bert(data.label_names, tok.vocab_size), tok, forget, retain, toy_corpus(per_class=4, seed=1),
-                      data.label_names)
+    test = toy_corpus(per_class=4, seed=1)
+    model = tiny_bert(data.label_names, tok.vocab_size).eval()
+    report = evaluate(model, tok, forget, retain, test, data.label_names)
     assert set(report) == {"forget", "retain", "test", "mia_loss_auc", "mia_svc_efficacy"}
-    assert 0 <= report["mia_loss_auc"] <= 1 and 0 <= report["mia_svc_efficacy"] <= 1
     assert set(report["forget"]["recall"]) == {"tech"}
+
+    def losses_and_hits(texts, labels):  # straight from the model, not through the evaluation code
+        with torch.no_grad():
+            logits = model(**tok(texts, padding=True, truncation=True, max_length=96, return_tensors="pt")).logits
+        labels = torch.tensor(labels)
+        return (torch.nn.functional.cross_entropy(logits, labels, reduction="none").numpy(),
+                (logits.argmax(1) == labels).float().mean().item())
+
+    forget_loss, forget_hits = losses_and_hits(forget.texts, forget.labels)
+    test_loss, test_hits = losses_and_hits(test.texts, test.labels)
+    assert report["forget"]["accuracy"] == pytest.approx(forget_hits)
+    assert report["test"]["accuracy"] == pytest.approx(test_hits)
+    # AUC of "lower loss = member" by counting pairs (Mann-Whitney), ties as halves; padding to
+    # other batch shapes may reorder one near-tied pair, so one pair's worth of slack
+    pairs = len(forget_loss) * len(test_loss)
+    wins = (forget_loss[:, None] < test_loss[None, :]).sum() + 0.5 * (forget_loss[:, None] == test_loss[None, :]).sum()
+    assert report["mia_loss_auc"] == pytest.approx(wins / pairs, abs=1 / pairs)

@@ -1,4 +1,4 @@
-"""Every fused backend against the float64 reference, on the cases SPEC.md singles out.
+"""Every fused backend against the float64 reference, on the cases docs/spec.md singles out.
 
 Under CPU-only CI the Triton kernels run in Triton's interpreter (see conftest.py); on a GPU
 machine the same tests run the compiled kernels.

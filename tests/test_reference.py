@@ -1,4 +1,4 @@
-"""The reference against SPEC.md read literally (a pair-by-pair loop), plus properties of the loss."""
+"""The reference against docs/spec.md read literally (a pair-by-pair loop), plus properties of the loss."""
 import math
 
 import pytest
@@ -9,7 +9,7 @@ from deepcut_fast import contrastive_unlearn_loss_reference as reference
 
 
 def spec_loop(z, labels, forget, inst, cand, cand_labels, tau, pull, fw, rw, reduction):
-    """SPEC.md section 2 transcribed loop by loop, in float64 Python numbers."""
+    """docs/spec.md, section 2, transcribed loop by loop, in float64 Python numbers."""
     def unit(row):
         norm = max(math.sqrt(sum(x * x for x in row)), 1e-12)
         return [x / norm for x in row]

@@ -5,7 +5,7 @@ import json
 import numpy as np
 import pytest
 
-from deepcut_fast.evaluation import TokenPredictions, entity_metrics, evaluate, predict
+from deepcut_fast.unlearning.evaluation import TokenPredictions, entity_metrics, evaluate, predict
 from deepcut_fast.unlearning.data import forget_indices, load_token_table
 from deepcut_fast.unlearning.model import encode_labelled
 from deepcut_fast.unlearning.unlearner import DeepCUTUnlearner, UnlearnConfig, accuracy
@@ -93,7 +93,7 @@ def test_deepcut_with_token_anchors_forgets_the_people(tok, ner_original):
     after = evaluate(result.model, tok, forget, retain, test, forget.label_names, max_length=64)
     assert after["forget"]["recall"]["PER"] < before["forget"]["recall"]["PER"] - 0.3
     assert after["retain"]["entity_f1"] > 0.8
-    assert 0 <= after["mia_loss_auc"] <= 1 and len(result.history) == 30
+    assert after["mia_loss_auc"] < before["mia_loss_auc"] and len(result.history) == 30  # forget losses rose
     assert accuracy(result.model, tok, forget, 64) < tag_accuracy_before  # the model is updated in place
 
 

@@ -7,7 +7,8 @@ fine-tuned original) and a training budget, and it learns the retain set from sc
 """
 import torch
 
-from deepcut_fast.unlearning.unlearner import DeepCUTUnlearner, UnlearnResult, cross_entropy, train_steps
+from deepcut_fast.unlearning.unlearner import (DeepCUTUnlearner, UnlearnResult, cross_entropy, steps_for,
+                                              train_steps)
 
 
 def _ce(model, inputs, labels, rows):
@@ -40,8 +41,8 @@ def retrain(base_model, tokenizer, forget, retain, config, progress=True, desc="
     """Gold standard: train the pretrained base on the retain set only. ``config.steps`` (or
     ``config.epochs`` over the retain set) is the training budget, not an unlearning budget.
     ``desc`` labels the progress bar (the demo also trains its original through here)."""
-    steps = config.steps if config.steps is not None else \
-        max(1, round(config.epochs * len(retain) / config.retain_batch_size))
+    steps = config.steps if config.steps is not None else steps_for(config.epochs, len(retain),
+                                                                     config.retain_batch_size)
     return train_steps(base_model, tokenizer, forget, retain, config, _retain_ce_step, steps=steps, forget_batch_size=0,
                        progress=progress, desc=desc)
 

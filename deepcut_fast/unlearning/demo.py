@@ -18,7 +18,6 @@ import contextlib
 import copy
 import hashlib
 import json
-import math
 import random
 import time
 from dataclasses import asdict, dataclass, replace
@@ -27,15 +26,16 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from deepcut_fast.evaluation import (Predictions, classification_metrics, gap_to, headline, predict_sets,
-                                     report_from_predictions)
 from deepcut_fast.unlearning import baselines
 from deepcut_fast.unlearning.data import TextDataset, forget_indices, load_bbc_news, split
+from deepcut_fast.unlearning.evaluation import (Predictions, classification_metrics, gap_to, headline,
+                                                predict_sets, report_from_predictions)
 from deepcut_fast.unlearning.files import atomic_write, atomic_write_json, save_model_atomically
 from deepcut_fast.unlearning.model import load_base_encoder, load_classifier
-from deepcut_fast.unlearning.unlearner import UnlearnConfig, accuracy
+from deepcut_fast.unlearning.unlearner import UnlearnConfig, accuracy, steps_for
 
 SCENARIOS = ("class", "noisy", "random")
+TRAIN_BATCH_SIZE = 32  # the original's and the retrained models' training batches
 METHOD_ORDER = ("original", "retrain", "retrain_seed2", "deepcut", "finetune_retain", "gradient_ascent",
                 "gradient_difference", "random_relabel")
 
@@ -67,8 +67,8 @@ class DemoOptions:
             self.unlearn = replace(self.unlearn, steps=3)
 
     def steps(self, data, epochs=None):
-        """Training steps (batches of 32) for ``epochs`` (default ``train_epochs``) over ``data``."""
-        return max(1, math.ceil((self.train_epochs if epochs is None else epochs) * len(data) / 32))
+        """Training steps (batches of TRAIN_BATCH_SIZE) for ``epochs`` (default ``train_epochs``) over ``data``."""
+        return steps_for(self.train_epochs if epochs is None else epochs, len(data), TRAIN_BATCH_SIZE)
 
 
 def scenario_config(scenario, max_length=64, seed=0):
@@ -117,7 +117,8 @@ def prepare_data(opts: DemoOptions):
 def _fit(model, tokenizer, data, opts, seed, steps, learning_rate=5e-5, desc=None):
     """CE training on ``data`` (AdamW, batch 32): the original, retraining on the retain set,
     and the timing probe. A progress bar labelled ``desc`` when given. Returns the UnlearnResult."""
-    cfg = UnlearnConfig(steps=steps, learning_rate=learning_rate, retain_batch_size=32, max_length=opts.max_length,
+    cfg = UnlearnConfig(steps=steps, learning_rate=learning_rate, retain_batch_size=TRAIN_BATCH_SIZE,
+                        max_length=opts.max_length,
                         seed=seed)
     return baselines.retrain(model, tokenizer, data.subset([]), data, cfg, progress=desc is not None, desc=desc)
 
@@ -166,7 +167,7 @@ def cached_model(directory: Path, label_names, build):
     return model, tokenizer
 
 
-def _cache_name(opts, model, seed, data):
+def cache_name(opts, model, seed, data):
     """``<model>-<data kind>-seed<seed>-<fingerprint>``: the fingerprint covers what the model is
     trained on (document ids and labels, epochs, length, the memorising schedule of a noisy
     original), so another forget class, fraction or setting never reuses a model trained for
@@ -189,12 +190,12 @@ def train_original(opts, train, forget, cache: Path, progress=False):
             model = memorise(model, tokenizer, train, forget, opts, progress=progress)[0]
         return model, tokenizer, time.perf_counter() - start
 
-    return cached_model(cache / _cache_name(opts, "original", opts.seed, train), train.label_names, build)
+    return cached_model(cache / cache_name(opts, "original", opts.seed, train), train.label_names, build)
 
 
 def train_retrained(opts, retain, cache: Path, seed, progress=False):
     """(model, seconds its training took) for retraining with ``seed``."""
-    directory = cache / _cache_name(opts, "retrain", seed, retain)
+    directory = cache / cache_name(opts, "retrain", seed, retain)
 
     def build():
         start = time.perf_counter()

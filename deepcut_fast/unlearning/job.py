@@ -20,11 +20,11 @@ from pathlib import Path
 import torch
 import torch.distributed as dist
 
-from deepcut_fast.evaluation import classification_metrics, evaluate, gap_to, headline, predict
+from deepcut_fast.unlearning.evaluation import classification_metrics, evaluate, gap_to, headline, predict
 from deepcut_fast.unlearning.data import forget_indices, load_table, load_token_table
 from deepcut_fast.unlearning.files import atomic_write_json, save_model_atomically
 from deepcut_fast.unlearning.model import load_classifier
-from deepcut_fast.unlearning.unlearner import Checkpoint, DeepCUTUnlearner, UnlearnConfig
+from deepcut_fast.unlearning.unlearner import CHECKPOINT_EVERY, Checkpoint, DeepCUTUnlearner, UnlearnConfig
 
 
 def model_label_names(model_dir):
@@ -84,7 +84,7 @@ def distributed():
 
 
 def run_unlearn_job(model_dir, data_path, out, config: UnlearnConfig, forget_spec: dict, test_path=None,
-                    columns=None, checkpoint_every=5, progress=True, task="sequence"):
+                    columns=None, checkpoint_every=CHECKPOINT_EVERY, progress=True, task="sequence"):
     """Unlearn ``forget_spec`` (forget_indices' keywords) from the model in ``model_dir``. Under
     torchrun / accelerate launch every rank trains (DDP) and rank 0 writes the outputs."""
     out = Path(out)

@@ -1,4 +1,4 @@
-"""DeepCUT unlearning of a transformers classifier (SPEC.md section 1).
+"""DeepCUT unlearning of a transformers classifier (docs/spec.md, section 1).
 
 One step takes a batch of forget and retain samples, runs the encoder ``views`` times with
 dropout on, and minimises  CE(retain logits) + gamma * L_contrast  where L_contrast is this
@@ -16,12 +16,18 @@ import torch
 import torch.distributed as dist
 import torch.nn.functional as F
 
-from deepcut_fast.evaluation import classification_metrics, predict
+from deepcut_fast.unlearning.evaluation import classification_metrics, predict
 from deepcut_fast.loss import FORGET_PULLS, contrastive_unlearn_loss
 from deepcut_fast.queue import RetainQueue
 from deepcut_fast.unlearning.data import TextDataset
 from deepcut_fast.unlearning.files import atomic_write
 from deepcut_fast.unlearning.model import EMBEDDINGS, embed, encode_labelled
+
+
+def steps_for(epochs, size, batch_size):
+    """Optimiser steps of ``epochs`` passes over ``size`` samples in batches of ``batch_size``:
+    a partial last batch is a step, and there is always at least one."""
+    return max(1, math.ceil(epochs * size / batch_size))
 
 
 @dataclass
@@ -80,7 +86,7 @@ class UnlearnConfig:
     def total_steps(self, forget_size):
         if self.steps is not None:
             return self.steps
-        return max(1, math.ceil(self.epochs * forget_size / self.forget_batch_size))
+        return steps_for(self.epochs, forget_size, self.forget_batch_size)
 
 
 def _views(model, inputs, config):
@@ -229,11 +235,14 @@ def _should_stop(model, tokenizer, forget_check, retain_check, config, record, r
     return record["retain_accuracy"] >= retain_before - config.stop_retain_drop
 
 
+CHECKPOINT_EVERY = 5  # steps between checkpoints, unless the caller says otherwise
+
+
 class Checkpoint:
     """Everything needed to continue a run exactly (model, optimiser, sampling and RNG state,
     history), saved atomically to one file every ``every`` steps."""
 
-    def __init__(self, path, every=5):
+    def __init__(self, path, every=CHECKPOINT_EVERY):
         if every < 1:
             raise ValueError(f"checkpoint interval must be >= 1, got {every}")
         self.path, self.every = Path(path), every
