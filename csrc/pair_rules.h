@@ -1,4 +1,4 @@
-// The per-pair rules of SPEC.md section 2, shared by the CPU (C++) and CUDA kernels.
+// The per-pair rules (docs/spec.md, section 2), shared by the CPU (C++) and CUDA kernels.
 #pragma once
 
 #include <cmath>

@@ -1,4 +1,4 @@
-// Fused CPU kernel of the DeepCUT contrastive loss (SPEC.md section 2).
+// Fused CPU kernel of the DeepCUT contrastive loss (docs/spec.md, section 2).
 //
 // Same contract as the Triton kernels (kernels/contrastive.py): the forward returns per-anchor
 // loss, log-sum-exp over A(i), log-sum-exp over P(i) and |P(i)|; the backward recomputes the

@@ -1,4 +1,4 @@
-// Fused CUDA kernels of the DeepCUT contrastive loss (SPEC.md section 2), tensor cores via WMMA.
+// Fused CUDA kernels of the DeepCUT contrastive loss (docs/spec.md, section 2), tensor cores via WMMA.
 //
 // Same contract as the Triton and CPU kernels: the forward writes per-anchor loss, log-sum-exp
 // over A(i), log-sum-exp over P(i) and |P(i)|; the backward recomputes similarity tiles from
