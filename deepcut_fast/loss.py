@@ -41,6 +41,8 @@ def _check_embeddings(name, value, device=None, dim=None, dtype=None):
         raise TypeError(f"{name} must be float32, float16, bfloat16 or float64, got {value.dtype}")
     if value.shape[0] == 0 or value.shape[1] == 0:
         raise ValueError(f"{name} must have at least one row and one feature, got {list(value.shape)}")
+    if value.device.type == "meta":
+        raise ValueError(f"{name} is on the meta device (shapes without data): move it to a real device first")
     if device is not None and value.device != device:
         raise ValueError(f"{name} is on {value.device} but z is on {device}; put them on one device")
     if dim is not None and value.shape[1] != dim:

@@ -12,8 +12,7 @@ import torch.nn.functional as F
 from torch import Tensor
 
 from deepcut_fast import compiled
-from deepcut_fast.reference import (NORM_EPS, contrastive_unlearn_loss_reference, default_instance_ids,
-                                    reduce_anchor_losses)
+from deepcut_fast.reference import NORM_EPS, default_instance_ids, reduce_anchor_losses, reference_loss_wide
 
 FUSED_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
 BACKENDS = ("auto", "triton", "cuda", "cpu", "reference")
@@ -79,7 +78,8 @@ def contrast_forward(u: Tensor, labels: Tensor, forget: Tensor, instance_ids: Te
                      candidates: Optional[Tensor], candidate_labels: Optional[Tensor],
                      temperature: float, pull_lse: bool, ignore_index: int,
                      backend: str) -> tuple[Tensor, Tensor, Tensor, Tensor]:
-    """Per-anchor (loss, logsumexp over A, logsumexp over P, |P|) of normalised rows u."""
+    """Per-anchor (loss, logsumexp over A, logsumexp over P, |P|) of normalised rows u; the two
+    log-sum-exps are in the backend's own units and go back only to its backward."""
     return _fused_module(backend).forward(u, labels, forget, instance_ids, candidates,
                                           candidate_labels, temperature, pull_lse, ignore_index)
 
@@ -138,17 +138,45 @@ def _backward(ctx, grad_loss, *unused_stat_grads):
 contrast_forward.register_autograd(_backward, setup_context=_setup_context)
 
 
+def canonical_rows(x):
+    """Per-row labels, instance ids and flags as the kernels read them: contiguous, and integers
+    as int64 whatever integer dtype they came in (an unsigned byte cannot hold ignore_index, -100,
+    or the kernels' padding values)."""
+    if x is None:
+        return None
+    return (x if x.dtype == torch.bool else x.to(torch.int64)).contiguous()
+
+
+def in_input_dtype(loss, dtype):
+    """``loss`` (computed in fp32 or wider) cast to the inputs' dtype; an error instead of inf or
+    nan where the value does not fit (e.g. a loss above 65504 in float16)."""
+    out = loss.to(dtype)
+    if torch.compiler.is_compiling() or bool(torch.isfinite(out).all()):
+        return out
+    finite = torch.isfinite(loss)
+    if bool(finite.all()):
+        worst = loss.abs().max().item()
+        name = str(dtype).replace("torch.", "")
+        raise ValueError(f"the loss ({worst:.6g}) does not fit in {name} (largest finite value "
+                         f"{torch.finfo(dtype).max:.6g}): use float32 or bfloat16 embeddings, or a larger temperature")
+    raise ValueError(f"the loss is not finite even in {loss.dtype} (unnormalised logits too large?): "
+                     "use normalize=True or smaller embeddings")
+
+
 def contrastive_unlearn_loss(z, labels, forget_mask, instance_ids, candidates, candidate_labels,
                              temperature, forget_weight, retain_weight, forget_pull, normalize,
                              reduction, ignore_index, backend):
     """The loss on an already validated batch (see deepcut_fast.loss for the arguments)."""
     backend = resolve_backend(backend, z.device, z.dtype)
-    options = dict(instance_ids=instance_ids, candidates=candidates, candidate_labels=candidate_labels,
-                   temperature=temperature, forget_weight=forget_weight, retain_weight=retain_weight,
-                   forget_pull=forget_pull, normalize=normalize, reduction=reduction,
-                   ignore_index=ignore_index)
+    labels, forget_mask, instance_ids, candidate_labels = map(
+        canonical_rows, (labels, forget_mask, instance_ids, candidate_labels))
     if backend == "reference":
-        return contrastive_unlearn_loss_reference(z, labels, forget_mask, **options)
+        loss = reference_loss_wide(
+            z, labels, forget_mask, instance_ids=instance_ids, candidates=candidates,
+            candidate_labels=candidate_labels, temperature=temperature, forget_weight=forget_weight,
+            retain_weight=retain_weight, forget_pull=forget_pull, normalize=normalize, reduction=reduction,
+            ignore_index=ignore_index)
+        return in_input_dtype(loss, z.dtype)
 
     def unit_rows(x):  # normalise in fp32, then run the kernel in the input dtype
         return F.normalize(x.float(), dim=1, eps=NORM_EPS).to(x.dtype) if normalize else x
@@ -160,4 +188,4 @@ def contrastive_unlearn_loss(z, labels, forget_mask, instance_ids, candidates, c
         None if candidates is None else unit_rows(candidates), candidate_labels,
         float(temperature), forget_pull == "logsumexp", int(ignore_index), backend)
     loss = reduce_anchor_losses(per_anchor, count > 0, forget_mask, forget_weight, retain_weight, reduction)
-    return loss.to(z.dtype)
+    return in_input_dtype(loss, z.dtype)

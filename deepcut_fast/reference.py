@@ -57,7 +57,22 @@ def contrastive_unlearn_loss_reference(
     temperature=0.07, forget_weight=1.0, retain_weight=1.0, forget_pull="logsumexp",
     normalize=True, reduction="mean", ignore_index=-100,
 ):
-    """Same signature and result as deepcut_fast.contrastive_unlearn_loss, without checks."""
+    """Same signature and result as deepcut_fast.contrastive_unlearn_loss, without checks.
+    fp16 and bf16 inputs are computed in fp32 (as the fused kernels accumulate) and the result
+    is cast back to their dtype."""
+    return reference_loss_wide(
+        z, labels, forget_mask, instance_ids=instance_ids, candidates=candidates,
+        candidate_labels=candidate_labels, temperature=temperature, forget_weight=forget_weight,
+        retain_weight=retain_weight, forget_pull=forget_pull, normalize=normalize, reduction=reduction,
+        ignore_index=ignore_index).to(z.dtype)
+
+
+def reference_loss_wide(z, labels, forget_mask, *, instance_ids, candidates, candidate_labels, temperature,
+                        forget_weight, retain_weight, forget_pull, normalize, reduction, ignore_index):
+    """The reference in fp32 for fp16/bf16 inputs (float64 stays float64), before the cast back."""
+    wide = torch.promote_types(z.dtype, torch.float32)
+    z = z.to(wide)
+    candidates = None if candidates is None else candidates.to(wide)
     self_case = candidates is None
     u = F.normalize(z, dim=1, eps=NORM_EPS) if normalize else z
     if self_case:

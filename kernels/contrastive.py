@@ -10,8 +10,11 @@ log-sum-exps. One kernel walks candidate tiles for a block of anchors and writes
 second walks anchor tiles for a block of candidates and writes dL/dc. Each program owns its
 output rows, so there are no atomics and the result is deterministic.
 
-Logits are kept in base 2 (s2 = s * log2(e)) so the kernels use exp2/log2; the saved
-log-sum-exps are in natural units, which is the contract with the other backends.
+Logits are kept in base 2 (s2 = s * log2(e)) so the kernels use exp2/log2. The saved
+log-sum-exps stay in base 2 too: they go back only to this module's backward, which subtracts
+them from the same recomputed s2. A round trip through natural units would round them again,
+and with large unnormalised logits (|s| ~ 1e5 and more) that rounding alone moves exp2(s2 - lse2)
+by percents.
 
 The masks are computed on the fly from labels, forget flags, instance ids and row indices.
 """
@@ -97,10 +100,10 @@ def _online_lse(m, l, s2, keep):
 
 
 @triton.jit
-def _finish_lse(m, l):
-    """Natural log-sum-exp from the base-2 running (max, sum); -inf for an empty set."""
+def _finish_lse2(m, l):
+    """Base-2 log-sum-exp from the base-2 running (max, sum); -inf for an empty set."""
     has_any = l > 0
-    return tl.where(has_any, (m + tl.log2(tl.where(has_any, l, 1.0))) * LN2, float("-inf"))
+    return tl.where(has_any, m + tl.log2(tl.where(has_any, l, 1.0)), float("-inf"))
 
 
 @triton.jit
@@ -135,8 +138,8 @@ def _load_anchor_stats(A_LABEL, A_FORGET, GRAD, LSE_A, LSE_P, COUNT, rows, ok, i
     count = tl.load(COUNT + rows, mask=ok, other=0)
     # anchors without positives have a constant loss of 0: no gradient
     coef = tl.where(count > 0, tl.load(GRAD + rows, mask=ok, other=0.0), 0.0)
-    lse_a2 = tl.load(LSE_A + rows, mask=ok, other=0.0) * LOG2E
-    lse_p2 = tl.load(LSE_P + rows, mask=ok, other=0.0) * LOG2E
+    lse_a2 = tl.load(LSE_A + rows, mask=ok, other=0.0)
+    lse_p2 = tl.load(LSE_P + rows, mask=ok, other=0.0)
     inv_count = 1.0 / tl.maximum(count, 1).to(tl.float32)
     return label, forget, coef, lse_a2, lse_p2, inv_count
 
@@ -196,13 +199,13 @@ def _forward_kernel(U, C, A_LABEL, A_FORGET, A_INST, C_LABEL, C_FORGET, C_INST,
         pos_count += tl.sum(in_p.to(tl.int32), 1)
 
     counted = pos_count > 0
-    lse_a = _finish_lse(m_a, l_a)
-    pull = pos_sum * LN2 / tl.maximum(pos_count, 1).to(tl.float32)
+    lse_a = _finish_lse2(m_a, l_a)
+    pull = pos_sum / tl.maximum(pos_count, 1).to(tl.float32)
     lse_p = tl.zeros([BLOCK_M], tl.float32)
     if PULL_LSE:
-        lse_p = tl.where(a_forget & counted, _finish_lse(m_p, l_p), 0.0)
+        lse_p = tl.where(a_forget & counted, _finish_lse2(m_p, l_p), 0.0)
         pull = tl.where(a_forget, lse_p, pull)
-    tl.store(LOSS + rows, tl.where(counted, lse_a - pull, 0.0), mask=row_ok)
+    tl.store(LOSS + rows, tl.where(counted, (lse_a - pull) * LN2, 0.0), mask=row_ok)
     tl.store(LSE_A + rows, lse_a, mask=row_ok)
     tl.store(LSE_P + rows, lse_p, mask=row_ok)
     tl.store(COUNT + rows, pos_count, mask=row_ok)
@@ -250,12 +253,12 @@ def _backward_candidate_kernel(U, C, A_LABEL, A_FORGET, A_INST, C_LABEL, C_FORGE
                                BLOCK_DO: tl.constexpr):
     """dL/dc for BLOCK_N candidates x BLOCK_DO features: sum_i dL/ds_ij u_i / tau.
 
-    Tiles are computed transposed ([candidates, anchors]) so the product with u needs no
-    transpose; the anchor statistics are broadcast along the second axis.
+    Tiles are computed as the forward computes them ([anchors, candidates], the same dot in
+    the same order), so that s2 - lse2 is exactly 0 where the forward found the maximum: with
+    large unnormalised logits, one rounding of s2 is a large error in exp2(s2 - lse2). The
+    product with u then takes dS transposed.
     """
-    cols = tl.program_id(0) * BLOCK_N + tl.arange(0, BLOCK_N)
-    col_ok = cols < N
-    c_label, c_forget, c_inst = _load_rows(C_LABEL, C_FORGET, C_INST, cols, col_ok, ignore_index, SELF)
+    n0 = tl.program_id(0) * BLOCK_N
     dims = tl.program_id(1) * BLOCK_DO + tl.arange(0, BLOCK_DO)
     dim_ok = dims < D
 
@@ -266,18 +269,17 @@ def _backward_candidate_kernel(U, C, A_LABEL, A_FORGET, A_INST, C_LABEL, C_FORGE
         a_label, a_forget, coef, lse_a2, lse_p2, inv_count = _load_anchor_stats(
             A_LABEL, A_FORGET, GRAD, LSE_A, LSE_P, COUNT, rows, row_ok, ignore_index)
         a_inst = tl.load(A_INST + rows, mask=row_ok, other=-1)
-        s2t = _similarity(C, cols, col_ok, stride_c, U, rows, row_ok, stride_u, D,
-                          BLOCK_N, BLOCK_M, BLOCK_K, UPCAST, PRECISION) * qk_scale
-        in_a, in_p = _pair_masks(a_label[None, :], a_forget[None, :], a_inst[None, :], rows[None, :],
-                                 c_label[:, None], c_forget[:, None], c_inst[:, None], cols[:, None],
-                                 ignore_index, SELF)
-        dst = _logit_grad(s2t, in_a, in_p, a_forget[None, :], coef[None, :], lse_a2[None, :],
-                          lse_p2[None, :], inv_count[None, :], PULL_LSE)
+        cols, col_ok, s2, in_a, in_p = _candidate_tile(
+            U, C, C_LABEL, C_FORGET, C_INST, rows, row_ok, a_label, a_forget, a_inst, n0, N, D,
+            stride_u, stride_c, qk_scale, ignore_index, SELF, UPCAST, PRECISION, BLOCK_M, BLOCK_N, BLOCK_K)
+        ds = _logit_grad(s2, in_a, in_p, a_forget[:, None], coef[:, None], lse_a2[:, None],
+                         lse_p2[:, None], inv_count[:, None], PULL_LSE)
         u = tl.load(U + rows.to(tl.int64)[:, None] * stride_u + dims[None, :],
                     mask=row_ok[:, None] & dim_ok[None, :], other=0.0)
-        acc = _accumulate_grad(acc, dst, u, UPCAST, PRECISION)
+        acc = _accumulate_grad(acc, tl.trans(ds), u, UPCAST, PRECISION)
+    cols = n0 + tl.arange(0, BLOCK_N)
     tl.store(DC + cols.to(tl.int64)[:, None] * stride_dc + dims[None, :], acc * grad_scale,
-             mask=col_ok[:, None] & dim_ok[None, :])
+             mask=(cols < N)[:, None] & dim_ok[None, :])
 
 
 def _autotuned(kernel, gpu_configs, interpret_configs):
@@ -314,7 +316,8 @@ def _launch_args(u, labels, forget, instance_ids, candidates, candidate_labels, 
 
 def forward(u, labels, forget, instance_ids, candidates, candidate_labels, temperature,
             pull_lse, ignore_index):
-    """Per-anchor loss, log-sum-exp over A, log-sum-exp over P (forget pull) and |P|.
+    """Per-anchor loss, log-sum-exp over A, log-sum-exp over P (forget pull; both in base 2,
+    for ``backward``) and |P|.
 
     u [M, D] and candidates [N, D] (or None for the self case) are contiguous rows in one
     of fp32/fp16/bf16; labels/ids are integer vectors, forget a bool vector.
