@@ -9,8 +9,13 @@
   and test sets, and their gaps to a reference (e.g. retrained) model.
 - ``deepcut-fast check``: the loss on every backend available here against the float64
   reference (loss, gradient error, time).
+
+A failure prints one line that names the file, line or option at fault and exits with 1
+(2 for a malformed command line); ``--debug`` shows the traceback instead.
 """
 import argparse
+import re
+import sys
 import time
 
 import torch
@@ -19,7 +24,7 @@ from deepcut_fast import available_backends, contrastive_unlearn_loss
 from deepcut_fast.testing import synthetic_batch
 from deepcut_fast.unlearning.demo import SCENARIOS, DemoOptions
 from deepcut_fast.unlearning.model import EMBEDDINGS
-from deepcut_fast.unlearning.unlearner import CHECKPOINT_EVERY, UnlearnConfig
+from deepcut_fast.unlearning.unlearner import CHECKPOINT_EVERY, ConfigError, UnlearnConfig
 
 DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
 
@@ -91,10 +96,16 @@ def unlearn(args):
     settings = _given(args, CONFIG_OPTIONS)
     if args.task == "token":
         settings.setdefault("embedding", "token")
-    config = UnlearnConfig(**settings)
+    try:
+        config = UnlearnConfig(**settings)
+    except ConfigError as err:  # name the options, not the fields
+        message = re.sub(r"\b[a-z_]+\b", lambda m: CONFIG_OPTIONS.get(m.group(), (m.group(),))[0], str(err))
+        raise ValueError(message) from None
+    if args.checkpoint_every < 1:
+        raise ValueError(f"--checkpoint-every must be >= 1, got {args.checkpoint_every}")
     spec, columns = _data_options(args)
     report = run_unlearn_job(args.model, args.data, args.out, config, spec, test_path=args.test, columns=columns,
-                             checkpoint_every=args.checkpoint_every, task=args.task)
+                             checkpoint_every=args.checkpoint_every, task=args.task, restart=args.restart)
     if report is None:  # a rank other than 0 of a distributed run
         return 0
     forget_acc = report["metrics"]["forget"]["accuracy"]
@@ -191,11 +202,19 @@ def _add_data_arguments(parser):
     which.add_argument("--forget-class", help="forget every row of this class (sequence task)")
 
 
-def main(argv=None):
-    parser = argparse.ArgumentParser(prog="deepcut-fast", description=__doc__,
-                                     formatter_class=argparse.RawDescriptionHelpFormatter)
-    sub = parser.add_subparsers(dest="command", required=True)
-    d = sub.add_parser("demo", help="offline DeepCUT demo on BBC News with MiniLM-L6")
+class OneLineParser(argparse.ArgumentParser):
+    """argparse with its error as one line (no usage block), pointing at --help."""
+
+    def error(self, message):
+        self.exit(2, f"{self.prog}: error: {message} (see {self.prog} --help)\n")
+
+
+def build_parser():
+    common = argparse.ArgumentParser(add_help=False)
+    common.add_argument("--debug", action="store_true", help="show the full traceback of a failure")
+    parser = OneLineParser(prog="deepcut-fast", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    sub = parser.add_subparsers(dest="command", required=True, parser_class=OneLineParser)
+    d = sub.add_parser("demo", parents=[common], help="offline DeepCUT demo on BBC News with MiniLM-L6")
     d.add_argument("--scenario", choices=SCENARIOS, default=_demo_default("scenario"))
     d.add_argument("--forget-class", default=_demo_default("forget_class"), help="class scenario: the class to forget")
     d.add_argument("--seed", type=int, default=_demo_default("seed"))
@@ -207,15 +226,18 @@ def main(argv=None):
     _add_config_options(d, DEMO_TUNABLE, lambda name: "the scenario's tuned setting")
     d.add_argument("--quick", action="store_true", help="300 documents and a few steps: a smoke test")
     d.set_defaults(func=demo)
-    u = sub.add_parser("unlearn", help="DeepCUT on your fine-tuned model and data")
+    u = sub.add_parser("unlearn", parents=[common], help="DeepCUT on your fine-tuned model and data")
     u.add_argument("--model", required=True, help="directory of a fine-tuned transformers classifier")
     u.add_argument("--out", required=True, help="output folder; rerun with the same one to resume")
     _add_data_arguments(u)
     _add_config_options(u, CONFIG_OPTIONS, _config_default)
     u.add_argument("--checkpoint-every", type=int, default=CHECKPOINT_EVERY,
                    help=f"steps between checkpoints (default: {CHECKPOINT_EVERY})")
+    u.add_argument("--restart", action="store_true",
+                   help="discard the checkpoint or result that --out holds and start over")
     u.set_defaults(func=unlearn)
-    e = sub.add_parser("evaluate", help="forget / retain / test figures of a model, and gaps to a reference")
+    e = sub.add_parser("evaluate", parents=[common],
+                       help="forget / retain / test figures of a model, and gaps to a reference")
     e.add_argument("--model", required=True, help="directory of the model to evaluate")
     e.add_argument("--reference", default=None, help="directory of the reference (e.g. retrained) model")
     e.add_argument("--out", required=True, help="report file (JSON)")
@@ -223,7 +245,7 @@ def main(argv=None):
     e.add_argument("--max-length", type=int, default=UnlearnConfig.max_length,
                    help=f"tokens per text (default: {UnlearnConfig.max_length}, as unlearn)")
     e.set_defaults(func=evaluate)
-    p = sub.add_parser("check", help="run every available backend against the reference")
+    p = sub.add_parser("check", parents=[common], help="run every available backend against the reference")
     p.add_argument("--rows", type=int, default=512, help="anchor rows (samples x views)")
     p.add_argument("--dim", type=int, default=384, help="embedding size (MiniLM: 384)")
     p.add_argument("--classes", type=int, default=5)
@@ -234,8 +256,30 @@ def main(argv=None):
     p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     p.add_argument("--seed", type=int, default=0)
     p.set_defaults(func=check)
-    args = parser.parse_args(argv)
-    return args.func(args)
+    return parser
+
+
+def one_line(err: BaseException) -> str:
+    text = " ".join(str(err).split()) if str(err).strip() else type(err).__name__
+    if isinstance(err, KeyError):  # str() of a KeyError is the quoted key alone
+        text = f"missing key {text}"
+    return text
+
+
+def main(argv=None):
+    args = build_parser().parse_args(argv)
+    try:
+        return args.func(args)
+    except KeyboardInterrupt:
+        if args.debug:
+            raise
+        print(f"deepcut-fast {args.command}: interrupted", file=sys.stderr)
+        return 130
+    except Exception as err:  # every failure is one line unless --debug asks for the traceback
+        if args.debug:
+            raise
+        print(f"deepcut-fast {args.command}: error: {one_line(err)} (--debug shows the traceback)", file=sys.stderr)
+        return 1
 
 
 if __name__ == "__main__":

@@ -40,8 +40,7 @@ def test_rerun_after_interruption_resumes(saved, tmp_path, monkeypatch):
     ids = tmp_path / "forget.txt"
     ids.write_text("business-0\nbusiness-1\nsport-3\n")
     monkeypatch.setattr(unlearner, "deepcut_loss", interrupted)
-    with pytest.raises(KeyboardInterrupt):
-        run(saved, tmp_path / "out", "--forget-ids", str(ids), "--steps", "6", "--checkpoint-every", "2")
+    assert run(saved, tmp_path / "out", "--forget-ids", str(ids), "--steps", "6", "--checkpoint-every", "2") == 130
     monkeypatch.undo()
     assert (tmp_path / "out" / "checkpoint.pt").exists() and not (tmp_path / "out" / "model").exists()
     run(saved, tmp_path / "out", "--forget-ids", str(ids), "--steps", "6", "--checkpoint-every", "2")
@@ -49,12 +48,12 @@ def test_rerun_after_interruption_resumes(saved, tmp_path, monkeypatch):
     assert report["resumed_from_step"] == 2 and [r["step"] for r in report["history"]] == list(range(1, 7))
 
 
-def test_labels_outside_the_models_classes(saved, tmp_path):
+def test_labels_outside_the_models_classes(saved, tmp_path, capsys):
     bad = tmp_path / "bad.csv"
     bad.write_text("id,text,label\n1,hello,weather\n2,world,tech\n")
-    with pytest.raises(ValueError, match=r"labels \['weather'\] are not among the classes"):
-        main(["unlearn", "--model", str(saved / "model"), "--data", str(bad), "--out", str(tmp_path / "o"),
-              "--forget-class", "tech"])
+    assert main(["unlearn", "--model", str(saved / "model"), "--data", str(bad), "--out", str(tmp_path / "o"),
+                 "--forget-class", "tech"]) == 1
+    assert "labels ['weather'] are not among the classes" in capsys.readouterr().err
 
 
 def evaluate_cli(saved, model, out, *extra):
@@ -78,9 +77,9 @@ def test_evaluate_against_a_reference(saved, tmp_path):
     assert after["metrics"]["forget"]["accuracy"] <= 0.1 and gap >= 90
 
 
-def test_evaluate_reference_needs_a_test_set(saved, tmp_path):
-    with pytest.raises(ValueError, match="needs a test set"):
-        evaluate_cli(saved, saved / "model", tmp_path / "r.json", "--reference", str(saved / "model"))
+def test_evaluate_reference_needs_a_test_set(saved, tmp_path, capsys):
+    assert evaluate_cli(saved, saved / "model", tmp_path / "r.json", "--reference", str(saved / "model")) == 1
+    assert "needs a test set" in capsys.readouterr().err
 
 
 def test_unlearn_token_task_from_jsonl(tmp_path):

@@ -9,6 +9,7 @@ column, or a whole class; bad requests fail with an error that names what is wro
 import csv
 import hashlib
 import importlib.util
+import io
 import json
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -53,14 +54,46 @@ class TextDataset:
                            {k: [v[i] for i in pick] for k, v in self.columns.items()})
 
 
+def read_text(path) -> str:
+    """A UTF-8 text file; an undecodable byte is reported with its file, line and column."""
+    path = Path(path)
+    if not path.is_file():
+        raise FileNotFoundError(f"{path}: no such file")
+    raw = path.read_bytes()
+    try:
+        return raw.decode("utf-8")
+    except UnicodeDecodeError as err:
+        line = raw.count(b"\n", 0, err.start) + 1
+        column = err.start - (raw.rfind(b"\n", 0, err.start) + 1) + 1
+        raise ValueError(f"{path}, line {line}, column {column}: byte 0x{raw[err.start]:02x} is not UTF-8; "
+                         "save the file as UTF-8") from None
+
+
 def _rows_from_file(path: Path):
-    if path.suffix.lower() == ".csv":
-        with open(path, newline="", encoding="utf-8") as f:
-            return list(csv.DictReader(f))
-    if path.suffix.lower() in (".jsonl", ".json"):
-        with open(path, encoding="utf-8") as f:
-            return [json.loads(line) for line in f if line.strip()]
-    raise ValueError(f"data file must be .csv or .jsonl, got {path.name}")
+    suffix = path.suffix.lower()
+    if suffix not in (".csv", ".jsonl", ".json"):
+        raise ValueError(f"{path}: data files must be .csv or .jsonl")
+    text = read_text(path)
+    if suffix == ".csv":
+        reader, rows = csv.DictReader(io.StringIO(text, newline="")), []
+        for row in reader:  # missing fields come as None values, extra ones under the key None
+            if None in row or None in row.values():
+                raise ValueError(f"{path}, line {reader.line_num}: the number of fields differs from the "
+                                 f"header's {len(reader.fieldnames)}")
+            rows.append(row)
+        return rows
+    rows = []
+    for number, line in enumerate(text.splitlines(), start=1):
+        if not line.strip():
+            continue
+        try:
+            row = json.loads(line)
+        except json.JSONDecodeError as err:
+            raise ValueError(f"{path}, line {number}: not valid JSON ({err.msg} at column {err.colno})") from None
+        if not isinstance(row, dict):
+            raise ValueError(f"{path}, line {number}: expected a JSON object per line, got {type(row).__name__}")
+        rows.append(row)
+    return rows
 
 
 def _rows_from_dataset(dataset):
@@ -75,7 +108,7 @@ def _read_rows(source, needed):
         raise ValueError(f"{source}: no rows")
     for column in needed:
         if column not in rows[0]:
-            raise ValueError(f"column {column!r} not found; columns are {sorted(rows[0])}")
+            raise ValueError(f"{source}: column {column!r} not found; columns are {sorted(rows[0])}")
     return rows
 
 
@@ -196,8 +229,7 @@ def forget_indices(train: TextDataset, *, ids: Optional[Iterable[str]] = None, i
     if len(given) != 1:
         raise ValueError(f"give the forget set in exactly one way (ids, ids_file, column or forget_class), got {given}")
     if ids_file is not None:
-        with open(ids_file, encoding="utf-8") as f:
-            ids = [line.strip() for line in f if line.strip()]
+        ids = [line.strip() for line in read_text(ids_file).splitlines() if line.strip()]
     if ids is not None:
         wanted = [str(i) for i in ids]
         position = {row_id: i for i, row_id in enumerate(train.ids)}

@@ -1,10 +1,13 @@
 """``deepcut-fast unlearn`` and ``deepcut-fast evaluate`` on a user's model and data files.
 
-unlearn: the fine-tuned model and data in, the unlearned model out. The run checkpoints every
-few steps to ``<out>/checkpoint.pt``; started again with the same ``--out`` after an
-interruption, it continues from the last checkpoint. The unlearned model (``<out>/model``,
-save_pretrained) and ``<out>/report.json`` are written atomically, and the checkpoint is
-removed once they exist.
+unlearn: the fine-tuned model and data in, the unlearned model out. Every input is read and
+checked before the model loads and before anything is written. The run checkpoints every few
+steps to ``<out>/checkpoint.pt``; started again with the same ``--out`` after an interruption,
+it continues from the last checkpoint. The unlearned model (``<out>/model``, save_pretrained)
+and ``<out>/report.json`` are written atomically, and the checkpoint is removed once they exist.
+A run is fingerprinted (model files, data, forget set, settings): a checkpoint or a result of
+another run in ``--out`` is refused rather than continued or overwritten (``restart`` discards
+them), and a folder in use by a live process is refused too.
 
 evaluate: any model (the original, an unlearned one) on the forget / retain / test sets, with
 the gap of every figure to a reference model (typically one retrained without the forget set).
@@ -13,8 +16,12 @@ the gap of every figure to a reference model (typically one retrained without th
 JSONL or a ``datasets`` Dataset; anchors are tokens, ``embedding="token"``).
 """
 import contextlib
+import hashlib
+import json
 import os
+import shutil
 import time
+from dataclasses import asdict
 from pathlib import Path
 
 import torch
@@ -22,17 +29,33 @@ import torch.distributed as dist
 
 from deepcut_fast.unlearning.evaluation import classification_metrics, evaluate, gap_to, headline, predict
 from deepcut_fast.unlearning.data import forget_indices, load_table, load_token_table
-from deepcut_fast.unlearning.files import atomic_write_json, save_model_atomically
+from deepcut_fast.unlearning.files import atomic_write_json, claimed_folder, save_model_atomically
 from deepcut_fast.unlearning.model import load_classifier
-from deepcut_fast.unlearning.unlearner import CHECKPOINT_EVERY, Checkpoint, DeepCUTUnlearner, UnlearnConfig
+from deepcut_fast.unlearning.unlearner import (CHECKPOINT_EVERY, Checkpoint, CheckpointError, DeepCUTUnlearner,
+                                              UnlearnConfig, fingerprint_differences)
+
+
+def model_config(model_dir):
+    """The transformers config of a saved model directory (read without loading the weights)."""
+    from transformers import AutoConfig
+
+    if not (Path(model_dir) / "config.json").is_file():
+        what = "has no config.json" if Path(model_dir).is_dir() else "does not exist"
+        raise FileNotFoundError(f"model directory {model_dir} {what}: give a folder saved with save_pretrained")
+    return AutoConfig.from_pretrained(str(model_dir), local_files_only=True)
 
 
 def model_label_names(model_dir):
     """The classes of a fine-tuned classifier, in id order, from its config."""
-    from transformers import AutoConfig
-
-    config = AutoConfig.from_pretrained(str(model_dir), local_files_only=True)
+    config = model_config(model_dir)
     return [config.id2label[i] for i in sorted(config.id2label)]
+
+
+def check_layer(model_dir, layer):
+    """The hidden layer an embedding is taken from exists (embeddings + one state per layer)."""
+    states = getattr(model_config(model_dir), "num_hidden_layers", None)
+    if states is not None and not -(states + 1) <= layer < states + 1:
+        raise ValueError(f"layer {layer} is out of range: the model has {states + 1} hidden states")
 
 
 def load_data(path, label_names, task="sequence", columns=None, keep_ids=True):
@@ -49,16 +72,42 @@ def load_data(path, label_names, task="sequence", columns=None, keep_ids=True):
     return load_table(path, label_names=label_names, **columns)
 
 
-def _sets(model_dir, data_path, forget_spec, task, columns):
+def _sets(model_dir, data_path, forget_spec, task, columns, test_path=None):
+    """(label names, train, forget, retain, test or None), all read and checked."""
     label_names = model_label_names(model_dir)
     train = load_data(data_path, label_names, task, columns)
     forget, retain = train.partition(forget_indices(train, **forget_spec))
-    return label_names, forget, retain
+    test = None if test_path is None else load_data(test_path, label_names, task, columns, keep_ids=False)
+    return label_names, train, forget, retain, test
 
 
-def _metrics(model, tokenizer, forget, retain, test_path, label_names, task, columns, max_length):
-    if test_path is not None:  # every figure, membership inference included
-        test = load_data(test_path, label_names, task, columns, keep_ids=False)
+def _digest(*parts):
+    return hashlib.sha256(json.dumps(parts, sort_keys=True, default=str).encode()).hexdigest()[:16]
+
+
+def model_digest(model_dir) -> str:
+    """A digest of a model directory: every file's name and size, config.json whole, and the
+    first and last MiB of every other file (enough to tell two checkpoints apart without reading
+    gigabytes)."""
+    parts = []
+    for path in sorted(p for p in Path(model_dir).rglob("*") if p.is_file()):
+        size = path.stat().st_size
+        with open(path, "rb") as f:
+            head = f.read(1 << 20 if path.name != "config.json" else size)
+            f.seek(max(0, size - (1 << 20)))
+            tail = f.read()
+        parts.append((str(path.relative_to(model_dir)), size, hashlib.sha256(head + tail).hexdigest()))
+    return _digest(parts)
+
+
+def run_fingerprint(model_dir, train, forget, config: UnlearnConfig, task) -> dict:
+    """What makes a run: the model files, the training data, the forget set and the settings."""
+    return dict(model=model_digest(model_dir), data=_digest(train.ids, train.texts, train.labels, task),
+                forget=_digest(sorted(forget.ids)), settings=asdict(config))
+
+
+def _metrics(model, tokenizer, forget, retain, test, label_names, max_length):
+    if test is not None:  # every figure, membership inference included
         return evaluate(model, tokenizer, forget, retain, test, label_names, max_length=max_length)
     return {name: classification_metrics(predict(model, tokenizer, data, max_length=max_length), label_names)
             for name, data in (("forget", forget), ("retain", retain))}
@@ -83,48 +132,78 @@ def distributed():
             dist.destroy_process_group()
 
 
-def run_unlearn_job(model_dir, data_path, out, config: UnlearnConfig, forget_spec: dict, test_path=None,
-                    columns=None, checkpoint_every=CHECKPOINT_EVERY, progress=True, task="sequence"):
-    """Unlearn ``forget_spec`` (forget_indices' keywords) from the model in ``model_dir``. Under
-    torchrun / accelerate launch every rank trains (DDP) and rank 0 writes the outputs."""
-    out = Path(out)
-    out.mkdir(parents=True, exist_ok=True)
-    label_names, forget, retain = _sets(model_dir, data_path, forget_spec, task, columns)
-    model, tokenizer = load_classifier(model_dir, label_names, task=task)
-    checkpoint = Checkpoint(out / "checkpoint.pt", every=checkpoint_every)
-    resumed_from = (checkpoint.load() or {}).get("step", 0)
-    with distributed() as (rank, device):
-        world = dist.get_world_size() if dist.is_initialized() else 1
-        start = time.perf_counter()
-        result = DeepCUTUnlearner(model.to(device), tokenizer, config).unlearn(forget, retain, progress=progress,
-                                                                               checkpoint=checkpoint)
-        seconds = time.perf_counter() - start
-    if rank > 0:  # the model is the same on every rank: rank 0 evaluates and writes
+def _previous_result(out: Path, fingerprint: dict):
+    """The report of a finished run in ``out`` with this fingerprint, None if there is none;
+    refused if ``out`` holds another run's result."""
+    path = out / "report.json"
+    if not path.exists():
         return None
-    metrics = _metrics(model, tokenizer, forget, retain, test_path, label_names, task, columns, config.max_length)
-    save_model_atomically(result.model, tokenizer, out / "model")
-    report = dict(config=vars(config), sizes=dict(forget=len(forget), retain=len(retain)), seconds=seconds,
-                  processes=world,
-                  resumed_from_step=resumed_from, stopped_early=result.stopped_early, metrics=metrics,
-                  history=result.history)
-    atomic_write_json(out / "report.json", report)
-    checkpoint.path.unlink(missing_ok=True)
+    report = json.loads(path.read_text())
+    differences = fingerprint_differences(report.get("fingerprint") or {}, fingerprint)
+    if differences:
+        raise CheckpointError(f"{out} holds the result of another run (differs in: {'; '.join(differences)}); "
+                              "replace it with --restart, or choose another --out")
     return report
 
 
+def run_unlearn_job(model_dir, data_path, out, config: UnlearnConfig, forget_spec: dict, test_path=None,
+                    columns=None, checkpoint_every=CHECKPOINT_EVERY, progress=True, task="sequence",
+                    restart=False):
+    """Unlearn ``forget_spec`` (forget_indices' keywords) from the model in ``model_dir``. Under
+    torchrun / accelerate launch every rank trains (DDP) and rank 0 writes the outputs. A rerun
+    of a finished run returns its report; ``restart`` discards what ``out`` holds first."""
+    out = Path(out)
+    label_names, train, forget, retain, test = _sets(model_dir, data_path, forget_spec, task, columns, test_path)
+    check_layer(model_dir, config.layer)
+    fingerprint = run_fingerprint(model_dir, train, forget, config, task)
+    writer = int(os.environ.get("RANK", "0")) == 0  # the rank that writes (known before joining the group)
+    with claimed_folder(out) if writer else contextlib.nullcontext(out):
+        checkpoint = Checkpoint(out / "checkpoint.pt", every=checkpoint_every, fingerprint=fingerprint)
+        if restart and writer:
+            checkpoint.path.unlink(missing_ok=True)
+            (out / "report.json").unlink(missing_ok=True)
+            shutil.rmtree(out / "model", ignore_errors=True)
+        elif restart:  # the other ranks start over with rank 0 and leave the old files to it
+            checkpoint = None
+        finished = None if restart else _previous_result(out, fingerprint)
+        if finished is not None and (out / "model").is_dir():
+            if writer:
+                checkpoint.path.unlink(missing_ok=True)  # left if the run was killed after its report
+            return finished if writer else None
+        resumed_from = ((checkpoint.load() if checkpoint else None) or {}).get("step", 0)
+        model, tokenizer = load_classifier(model_dir, label_names, task=task)
+        with distributed() as (rank, device):
+            world = dist.get_world_size() if dist.is_initialized() else 1
+            start = time.perf_counter()
+            result = DeepCUTUnlearner(model.to(device), tokenizer, config).unlearn(forget, retain, progress=progress,
+                                                                                   checkpoint=checkpoint)
+            seconds = time.perf_counter() - start
+        if rank > 0:  # the model is the same on every rank: rank 0 evaluates and writes
+            return None
+        metrics = _metrics(model, tokenizer, forget, retain, test, label_names, config.max_length)
+        save_model_atomically(result.model, tokenizer, out / "model")
+        report = dict(config=asdict(config), sizes=dict(forget=len(forget), retain=len(retain)), seconds=seconds,
+                      processes=world, resumed_from_step=resumed_from, stopped_early=result.stopped_early,
+                      metrics=metrics, history=result.history, fingerprint=fingerprint)
+        atomic_write_json(out / "report.json", report)
+        checkpoint.path.unlink(missing_ok=True)
+        return report
+
+
 def run_evaluate_job(model_dir, data_path, test_path, out_file, forget_spec: dict, reference_dir=None,
-                     columns=None, max_length=96, task="sequence"):
+                     columns=None, max_length=UnlearnConfig.max_length, task="sequence"):
     """Every evaluation figure of the model in ``model_dir`` (and of ``reference_dir``, with the
     gaps to it); writes ``out_file`` (JSON) atomically and returns the report."""
     if reference_dir is not None and test_path is None:
         raise ValueError("comparing with a reference model needs a test set (the membership figures use it)")
-    label_names, forget, retain = _sets(model_dir, data_path, forget_spec, task, columns)
+    label_names, _, forget, retain, test = _sets(model_dir, data_path, forget_spec, task, columns, test_path)
+    if reference_dir is not None:
+        model_label_names(reference_dir)  # checked before any model loads
     reports = {}
     for name, directory in (("model", model_dir), ("reference", reference_dir)):
         if directory is not None:
             model, tokenizer = load_classifier(directory, label_names, task=task)
-            reports[name] = _metrics(model, tokenizer, forget, retain, test_path, label_names, task, columns,
-                                     max_length)
+            reports[name] = _metrics(model, tokenizer, forget, retain, test, label_names, max_length)
     report = dict(sizes=dict(forget=len(forget), retain=len(retain)), model=str(model_dir), metrics=reports["model"])
     if reference_dir is not None:
         report.update(reference=str(reference_dir), reference_metrics=reports["reference"],

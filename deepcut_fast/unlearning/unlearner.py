@@ -17,10 +17,10 @@ import torch.distributed as dist
 import torch.nn.functional as F
 
 from deepcut_fast.unlearning.evaluation import classification_metrics, predict
-from deepcut_fast.loss import FORGET_PULLS, contrastive_unlearn_loss
+from deepcut_fast.loss import BACKENDS, FORGET_PULLS, contrastive_unlearn_loss
 from deepcut_fast.queue import RetainQueue
 from deepcut_fast.unlearning.data import TextDataset
-from deepcut_fast.unlearning.files import atomic_write
+from deepcut_fast.unlearning.files import atomic_write, fault_point
 from deepcut_fast.unlearning.model import EMBEDDINGS, embed, encode_labelled
 
 
@@ -28,6 +28,14 @@ def steps_for(epochs, size, batch_size):
     """Optimiser steps of ``epochs`` passes over ``size`` samples in batches of ``batch_size``:
     a partial last batch is a step, and there is always at least one."""
     return max(1, math.ceil(epochs * size / batch_size))
+
+
+class ConfigError(ValueError):
+    """A bad UnlearnConfig setting; ``field`` names it (the CLI turns it into its option)."""
+
+    def __init__(self, field_name, message):
+        super().__init__(message)
+        self.field = field_name
 
 
 @dataclass
@@ -52,7 +60,8 @@ class UnlearnConfig:
     # The check predicts a fixed random sample of at most `stop_sample` forget samples (None: all).
     # With `stop_retain_drop`, the run also waits until accuracy on a fixed sample of as many
     # retain samples is at most this far below its value before the first step (the contrast
-    # pushes retain samples too; CE needs a few steps to repair them).
+    # pushes retain samples too; CE needs a few steps to repair them); a negative value waits
+    # for it to rise that far above its start.
     stop_forget_accuracy: Optional[float] = None
     stop_retain_drop: Optional[float] = None
     check_every: int = 5
@@ -65,23 +74,32 @@ class UnlearnConfig:
     queue_size: int = 0
 
     def __post_init__(self):
-        if self.views < 1:
-            raise ValueError(f"views must be >= 1, got {self.views}")
-        if self.embedding not in EMBEDDINGS:
-            raise ValueError(f"embedding must be one of {EMBEDDINGS}, got {self.embedding!r}")
-        if self.forget_pull not in FORGET_PULLS:
-            raise ValueError(f"forget_pull must be one of {FORGET_PULLS}, got {self.forget_pull!r}")
+        def fail(name, message):
+            raise ConfigError(name, f"{name} {message}, got {getattr(self, name)!r}")
+
+        for name, choices in (("embedding", EMBEDDINGS), ("forget_pull", FORGET_PULLS), ("backend", BACKENDS)):
+            if getattr(self, name) not in choices:
+                fail(name, f"must be one of {choices}")
         if self.steps is None and self.epochs is None:
-            raise ValueError("give steps or epochs")
-        if self.stop_retain_drop is not None and self.stop_forget_accuracy is None:
-            raise ValueError("stop_retain_drop needs stop_forget_accuracy: it only delays the stop that the "
-                             "forget accuracy triggers")
-        if self.queue_size < 0:
-            raise ValueError(f"queue_size must be >= 0, got {self.queue_size}")
-        for name in ("forget_batch_size", "retain_batch_size", "max_length", "check_every", "stop_sample",
-                     "chunk_size"):
+            raise ConfigError("steps", "give steps or epochs")
+        for name in ("steps", "views", "forget_batch_size", "retain_batch_size", "max_length", "check_every",
+                     "stop_sample", "chunk_size"):
             if getattr(self, name) is not None and getattr(self, name) < 1:
-                raise ValueError(f"{name} must be >= 1, got {getattr(self, name)}")
+                fail(name, "must be >= 1")
+        for name in ("epochs", "temperature", "learning_rate"):
+            value = getattr(self, name)
+            if value is not None and not (0 < value < math.inf):
+                fail(name, "must be a finite number > 0")
+        for name in ("gamma", "forget_weight", "retain_weight", "queue_size"):
+            if not 0 <= getattr(self, name) < math.inf:
+                fail(name, "must be a finite number >= 0")
+        if self.stop_forget_accuracy is not None and not 0 <= self.stop_forget_accuracy <= 1:
+            fail("stop_forget_accuracy", "must be a fraction between 0 and 1")
+        if self.stop_retain_drop is not None and not -1 <= self.stop_retain_drop <= 1:  # < 0: wait for a rise
+            fail("stop_retain_drop", "must be a fraction between -1 and 1")
+        if self.stop_retain_drop is not None and self.stop_forget_accuracy is None:
+            raise ConfigError("stop_retain_drop", "stop_retain_drop needs stop_forget_accuracy: it only delays "
+                              "the stop that the forget accuracy triggers")
 
     def total_steps(self, forget_size):
         if self.steps is not None:
@@ -238,20 +256,58 @@ def _should_stop(model, tokenizer, forget_check, retain_check, config, record, r
 CHECKPOINT_EVERY = 5  # steps between checkpoints, unless the caller says otherwise
 
 
+class CheckpointError(ValueError):
+    """A checkpoint that cannot be used: damaged, or written by another run."""
+
+
+def fingerprint_differences(saved: dict, current: dict) -> list:
+    """What differs between two run fingerprints ({"model": digest, "data": ..., "settings":
+    {...}}), in words: the parts, and for the settings each key with both values."""
+    found = []
+    for part in sorted(set(saved) | set(current)):
+        mine, theirs = saved.get(part), current.get(part)
+        if mine == theirs:
+            continue
+        if isinstance(mine, dict) and isinstance(theirs, dict):
+            found += [f"{key} {mine.get(key)!r} -> {theirs.get(key)!r}" for key in sorted(set(mine) | set(theirs))
+                      if mine.get(key) != theirs.get(key)]
+        else:
+            found.append(f"the {part}")
+    return found
+
+
 class Checkpoint:
     """Everything needed to continue a run exactly (model, optimiser, sampling and RNG state,
-    history), saved atomically to one file every ``every`` steps."""
+    history), saved atomically to one file every ``every`` steps. With a ``fingerprint`` (what
+    the run is: model, data, forget set, settings), a checkpoint of another run is refused
+    instead of continued, so that one model never mixes two runs."""
 
-    def __init__(self, path, every=CHECKPOINT_EVERY):
+    def __init__(self, path, every=CHECKPOINT_EVERY, fingerprint: Optional[dict] = None):
         if every < 1:
             raise ValueError(f"checkpoint interval must be >= 1, got {every}")
-        self.path, self.every = Path(path), every
+        self.path, self.every, self.fingerprint = Path(path), every, fingerprint
+        self._state = None
 
     def load(self):
-        return torch.load(self.path, weights_only=False) if self.path.exists() else None
+        """The saved state (read once, then kept), or None when there is no checkpoint."""
+        if self._state is None and self.path.exists():
+            try:
+                state = torch.load(self.path, weights_only=False)
+                if not isinstance(state, dict) or "step" not in state:
+                    raise ValueError("not a checkpoint of this package")
+            except Exception as err:  # torch raises several kinds for a truncated or empty file
+                raise CheckpointError(f"{self.path} is damaged or incomplete ({type(err).__name__}: "
+                                      f"{str(err).strip()[:80] or 'empty'}); start over with --restart") from None
+            differences = fingerprint_differences(state.get("fingerprint") or {}, self.fingerprint or {})
+            if self.fingerprint is not None and differences:
+                raise CheckpointError(f"{self.path} belongs to another run (differs in: {'; '.join(differences)}); "
+                                      "start over with --restart, or choose another --out")
+            self._state = state
+        return self._state
 
     def save(self, state):
-        atomic_write(self.path, lambda f: torch.save(state, f))
+        self._state = None
+        atomic_write(self.path, lambda f: torch.save(dict(state, fingerprint=self.fingerprint), f))
 
 
 def train_steps(model, tokenizer, forget: TextDataset, retain: TextDataset, config: UnlearnConfig, step_loss,
@@ -328,6 +384,7 @@ def train_steps(model, tokenizer, forget: TextDataset, retain: TextDataset, conf
         record = dict(step=step, loss=loss.item(), seconds=time.perf_counter() - start,
                       **{k: float(v) for k, v in parts.items()})
         result.history.append(record)
+        fault_point(f"step:{step}")
         if config.stop_forget_accuracy is not None and (step % config.check_every == 0 or step == steps):
             if _should_stop(model, tokenizer, forget_check, retain_check, config, record,
                             result.retain_accuracy_before):
