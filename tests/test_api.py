@@ -128,3 +128,16 @@ def test_module_wrapper_matches_function():
     assert "temperature=0.2" in repr(module)
     want = contrastive_unlearn_loss(**b, temperature=0.2, forget_pull="mean", reduction="sum")
     torch.testing.assert_close(module(**b), want)
+
+
+def test_reference_backend_in_fp16_at_small_temperature():
+    """The reference computes fp16 inputs in fp32: at tau = 1e-4 it returned -inf before, and at
+    tau = 1e-6 (a loss above fp16's range) nan; now the value, and an error."""
+    from batches import reference_float64
+
+    b = make_batch(40, 16, classes=3, seed=3, dtype=torch.float16)
+    want = reference_float64(b, temperature=1e-4)[0].item()
+    got = contrastive_unlearn_loss(**b, temperature=1e-4, backend="reference").item()
+    assert abs(got - want) <= 4 * 2 ** -11 * want
+    with pytest.raises(ValueError, match="does not fit in float16"):
+        contrastive_unlearn_loss(**b, temperature=1e-6, backend="reference")

@@ -81,3 +81,39 @@ def test_detached_candidates(backend):
     want = contrastive_unlearn_loss(**ref, backend="reference")
     (want_dz,) = torch.autograd.grad(want, ref["z"])
     torch.testing.assert_close(dz.double(), want_dz, rtol=1e-4, atol=1e-5)
+
+
+def grad_error(backend, batch, **options):
+    """(loss, max |dz - float64 dz| / max |float64 dz|) of one backend."""
+    got = loss_and_grads(contrastive_unlearn_loss, batch, backend=backend, **options)
+    want = reference_float64(batch, **options)
+    return got[0], ((got[1][0].double().cpu() - want[1][0].cpu()).abs().max() / want[1][0].abs().max()).item()
+
+
+@pytest.mark.parametrize("scale", [1e2, 1e3])
+def test_large_unnormalised_logits(backend, scale):
+    """Logits of about 2e5 and 2e7 in fp32: the backward must recompute each similarity exactly as
+    the forward did (Triton was off by 0.8% and 540% before); the reference itself is 1e-7 off."""
+    batch = make_batch(40, 16, classes=3, seed=2, device=backend_device(backend))
+    batch["z"] = batch["z"] * scale
+    assert grad_error(backend, batch, temperature=0.5, normalize=False)[1] <= 1e-5
+
+
+@pytest.mark.parametrize("integer", [torch.uint8, torch.int8, torch.int16, torch.int32])
+@pytest.mark.parametrize("samples", [12, 31])
+def test_narrow_integer_labels(backend, integer, samples):
+    """Labels in any integer dtype (uint8 gave wrong losses on Triton where M was not a tile multiple)."""
+    batch = make_batch(samples, 16, classes=3, seed=1, device=backend_device(backend))
+    batch = dict(batch, labels=batch["labels"].to(integer), instance_ids=batch["instance_ids"].to(integer))
+    assert grad_error(backend, batch, temperature=0.5)[1] <= 1e-5
+
+
+def test_fp16_small_temperature(backend):
+    """tau = 1e-4: the loss (about 6e3) fits fp16 and is returned; at tau = 1e-6 it does not, and
+    that is an error rather than inf."""
+    batch = make_batch(40, 16, classes=3, seed=3, device=backend_device(backend), dtype=torch.float16)
+    loss, _ = grad_error(backend, batch, temperature=1e-4)
+    want = reference_float64(batch, temperature=1e-4)[0].item()
+    assert abs(loss.item() - want) <= 4 * 2 ** -11 * want
+    with pytest.raises(ValueError, match=r"does not fit in float16 \(largest finite value 65504\)"):
+        contrastive_unlearn_loss(**batch, temperature=1e-6, backend=backend)
