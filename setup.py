@@ -60,5 +60,6 @@ setup(
         "test": ["hypothesis>=6"],
         "bench": ["pytorch-metric-learning>=2.0", "inf-cl>=1.2"],
         "trainer": ["accelerate>=1.0"],
+        "peft": ["peft>=0.13"],
     },
 )

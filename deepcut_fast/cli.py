@@ -24,7 +24,7 @@ from deepcut_fast import available_backends, contrastive_unlearn_loss
 from deepcut_fast.testing import synthetic_batch
 from deepcut_fast.unlearning.demo import SCENARIOS, DemoOptions
 from deepcut_fast.unlearning.model import EMBEDDINGS
-from deepcut_fast.unlearning.unlearner import CHECKPOINT_EVERY, ConfigError, UnlearnConfig
+from deepcut_fast.unlearning.unlearner import CHECKPOINT_EVERY, PRECISIONS, ConfigError, UnlearnConfig
 
 DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
 
@@ -94,8 +94,6 @@ def unlearn(args):
     from deepcut_fast.unlearning.job import run_unlearn_job
 
     settings = _given(args, CONFIG_OPTIONS)
-    if args.task == "token":
-        settings.setdefault("embedding", "token")
     try:
         config = UnlearnConfig(**settings)
     except ConfigError as err:  # name the options, not the fields
@@ -105,7 +103,8 @@ def unlearn(args):
         raise ValueError(f"--checkpoint-every must be >= 1, got {args.checkpoint_every}")
     spec, columns = _data_options(args)
     report = run_unlearn_job(args.model, args.data, args.out, config, spec, test_path=args.test, columns=columns,
-                             checkpoint_every=args.checkpoint_every, task=args.task, restart=args.restart)
+                             checkpoint_every=args.checkpoint_every, task=args.task, restart=args.restart,
+                             device=args.device, merge=args.merge)
     if report is None:  # a rank other than 0 of a distributed run
         return 0
     forget_acc = report["metrics"]["forget"]["accuracy"]
@@ -143,7 +142,8 @@ CONFIG_OPTIONS = {
     "temperature": ("--temperature", float, "temperature of the contrastive loss"),
     "learning_rate": ("--lr", float, "AdamW learning rate"),
     "views": ("--views", int, "dropout passes of each batch (contrast views)"),
-    "embedding": ("--embedding", EMBEDDINGS, "embedding contrasted (token task: token)"),
+    "embedding": ("--embedding", EMBEDDINGS,
+                  "embedding contrasted; auto: token for --task token, last for decoder-only models, else cls"),
     "layer": ("--layer", int, "hidden layer of the embedding (-1: last)"),
     "max_length": ("--max-length", int, "tokens per text"),
     "stop_forget_accuracy": ("--stop-forget-accuracy", float,
@@ -156,6 +156,9 @@ CONFIG_OPTIONS = {
     "chunk_size": ("--chunk-size", int, "gradient caching: embed each process's batch in chunks of this many samples"),
     "queue_size": ("--queue-size", int, "queue of recent retain embeddings (0: none)"),
     "seed": ("--seed", int, "seed of the batches and dropout"),
+    "precision": ("--precision", tuple(PRECISIONS), "forward passes in fp32, or autocast to bf16 / fp16"),
+    "gradient_checkpointing": ("--gradient-checkpointing", bool,
+                               "recompute activations in the backward: less memory, more time"),
 }
 DEMO_TUNABLE = {k: CONFIG_OPTIONS[k] for k in ("steps", "gamma", "temperature", "learning_rate", "views", "embedding")}
 
@@ -167,7 +170,8 @@ def _dest(flag):
 def _add_config_options(parser, options, default_text):
     """One option per UnlearnConfig field in ``options``; it stays None unless given."""
     for name, (flag, kind, text) in options.items():
-        typed = dict(choices=kind) if isinstance(kind, tuple) else dict(type=kind)
+        typed = dict(choices=kind) if isinstance(kind, tuple) else dict(action="store_true") if kind is bool \
+            else dict(type=kind)
         parser.add_argument(flag, **typed, default=None, help=f"{text} (default: {default_text(name)})")
 
 
@@ -235,6 +239,9 @@ def build_parser():
                    help=f"steps between checkpoints (default: {CHECKPOINT_EVERY})")
     u.add_argument("--restart", action="store_true",
                    help="discard the checkpoint or result that --out holds and start over")
+    u.add_argument("--device", default=None, help="cpu, cuda or cuda:N (default: the GPU when there is one)")
+    u.add_argument("--merge", action="store_true",
+                   help="a PEFT adapter model: save the result merged into a full model instead of as an adapter")
     u.set_defaults(func=unlearn)
     e = sub.add_parser("evaluate", parents=[common],
                        help="forget / retain / test figures of a model, and gaps to a reference")

@@ -97,7 +97,7 @@ def test_unlearn_token_task_from_jsonl(tmp_path):
                  "--test", str(tmp_path / "ner.jsonl"), "--id-column", "id", "--forget-column", "forget",
                  "--out", str(tmp_path / "out"), "--steps", "3", "--max-length", "32"]) == 0
     report = json.loads((tmp_path / "out" / "report.json").read_text())
-    assert report["config"]["embedding"] == "token" and report["sizes"] == {"forget": 4, "retain": 20}
+    assert report["embedding"] == "token" and report["sizes"] == {"forget": 4, "retain": 20}
     assert set(report["metrics"]["forget"]["recall"]) <= {"PER", "LOC"}
     assert {"test", "mia_loss_auc", "mia_svc_efficacy"} <= set(report["metrics"])  # --test was used
     assert (tmp_path / "out" / "model" / "config.json").exists()

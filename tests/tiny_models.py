@@ -99,3 +99,20 @@ def save_toy_job(root):
         writer.writerow(["id", "text", "label"])
         writer.writerows(zip(data.ids, data.texts, [data.label_names[y] for y in data.labels]))
     return root
+
+
+def tiny_decoder(kind, label_names, vocab_size, pad_token_id, seed=0):
+    """A small random decoder-only sequence classifier ("gpt2" or "llama"), which pools the last
+    non-padding token (found through ``pad_token_id``)."""
+    from transformers import (GPT2Config, GPT2ForSequenceClassification, LlamaConfig,
+                              LlamaForSequenceClassification)
+
+    torch.manual_seed(seed)
+    labels = dict(num_labels=len(label_names), id2label=dict(enumerate(label_names)),
+                  label2id={n: i for i, n in enumerate(label_names)}, pad_token_id=pad_token_id)
+    if kind == "gpt2":
+        return GPT2ForSequenceClassification(GPT2Config(vocab_size=vocab_size, n_embd=32, n_layer=2, n_head=2,
+                                                        n_positions=64, **labels))
+    return LlamaForSequenceClassification(LlamaConfig(vocab_size=vocab_size, hidden_size=32, intermediate_size=64,
+                                                      num_hidden_layers=2, num_attention_heads=2,
+                                                      num_key_value_heads=2, max_position_embeddings=64, **labels))

@@ -7,6 +7,7 @@ fine-tuned original) and a training budget, and it learns the retain set from sc
 """
 import torch
 
+from deepcut_fast.unlearning.model import transformers_model
 from deepcut_fast.unlearning.unlearner import (DeepCUTUnlearner, UnlearnResult, cross_entropy, steps_for,
                                               train_steps)
 
@@ -71,7 +72,7 @@ def gradient_difference(model, tokenizer, forget, retain, config, progress=True)
 def random_relabel(model, tokenizer, forget, retain, config, progress=True):
     """Train on the forget samples with random wrong labels, and on the retain set."""
     generator = torch.Generator().manual_seed(config.seed)
-    classes = model.config.num_labels
+    classes = transformers_model(model).config.num_labels
 
     def step(model, inputs, labels, forget_mask):
         shift = torch.randint(1, classes, labels.shape, generator=generator).to(labels.device)

@@ -31,7 +31,7 @@ from deepcut_fast.unlearning.data import TextDataset, forget_indices, load_bbc_n
 from deepcut_fast.unlearning.evaluation import (Predictions, classification_metrics, gap_to, headline,
                                                 predict_sets, report_from_predictions)
 from deepcut_fast.unlearning.files import atomic_write, atomic_write_json, save_model_atomically
-from deepcut_fast.unlearning.model import load_base_encoder, load_classifier
+from deepcut_fast.unlearning.model import load_base_encoder, load_classifier, save_trained
 from deepcut_fast.unlearning.unlearner import UnlearnConfig, accuracy, steps_for
 
 SCENARIOS = ("class", "noisy", "random")
@@ -162,7 +162,7 @@ def cached_model(directory: Path, label_names, build):
     if (directory / "config.json").exists():
         return load_classifier(directory, label_names)
     model, tokenizer, seconds = build()
-    save_model_atomically(model, tokenizer, directory)
+    save_model_atomically(lambda folder: save_trained(model, tokenizer, folder), directory)
     (directory / "seconds.txt").write_text(f"{seconds}\n")
     return model, tokenizer
 

@@ -41,11 +41,11 @@ def atomic_write_json(path: Path, obj):
     atomic_write(Path(path), lambda f: f.write(json.dumps(obj, indent=2).encode()))
 
 
-def save_model_atomically(model, tokenizer, directory: Path):
+def save_model_atomically(save, directory: Path):
+    """``save(folder)`` (e.g. save_pretrained) into a temporary folder, then renamed into place."""
     tmp = directory.with_name(directory.name + TMP_SUFFIX)
     shutil.rmtree(tmp, ignore_errors=True)
-    model.save_pretrained(tmp)
-    tokenizer.save_pretrained(tmp)
+    save(tmp)
     fault_point(f"save:{directory.name}")
     shutil.rmtree(directory, ignore_errors=True)
     os.replace(tmp, directory)

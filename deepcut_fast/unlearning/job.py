@@ -30,15 +30,19 @@ import torch.distributed as dist
 from deepcut_fast.unlearning.evaluation import classification_metrics, evaluate, gap_to, headline, predict
 from deepcut_fast.unlearning.data import forget_indices, load_table, load_token_table
 from deepcut_fast.unlearning.files import atomic_write_json, claimed_folder, save_model_atomically
-from deepcut_fast.unlearning.model import load_classifier
+from deepcut_fast.unlearning.model import (adapter_base_path, is_adapter, load_classifier, resolve_embedding,
+                                          save_trained)
 from deepcut_fast.unlearning.unlearner import (CHECKPOINT_EVERY, Checkpoint, CheckpointError, DeepCUTUnlearner,
                                               UnlearnConfig, fingerprint_differences)
 
 
 def model_config(model_dir):
-    """The transformers config of a saved model directory (read without loading the weights)."""
+    """The transformers config of a saved model directory (read without loading the weights);
+    for a PEFT adapter, its base model's (which names the classes)."""
     from transformers import AutoConfig
 
+    if is_adapter(model_dir):
+        model_dir = adapter_base_path(model_dir)
     if not (Path(model_dir) / "config.json").is_file():
         what = "has no config.json" if Path(model_dir).is_dir() else "does not exist"
         raise FileNotFoundError(f"model directory {model_dir} {what}: give a folder saved with save_pretrained")
@@ -100,10 +104,12 @@ def model_digest(model_dir) -> str:
     return _digest(parts)
 
 
-def run_fingerprint(model_dir, train, forget, config: UnlearnConfig, task) -> dict:
-    """What makes a run: the model files, the training data, the forget set and the settings."""
-    return dict(model=model_digest(model_dir), data=_digest(train.ids, train.texts, train.labels, task),
-                forget=_digest(sorted(forget.ids)), settings=asdict(config))
+def run_fingerprint(model_dir, train, forget, config: UnlearnConfig, task, merge=False) -> dict:
+    """What makes a run: the model files (an adapter's base model too), the training data, the
+    forget set and the settings."""
+    model = [model_digest(model_dir)] + ([model_digest(adapter_base_path(model_dir))] if is_adapter(model_dir) else [])
+    return dict(model=_digest(model), data=_digest(train.ids, train.texts, train.labels, task),
+                forget=_digest(sorted(forget.ids)), settings=dict(asdict(config), merge=merge))
 
 
 def _metrics(model, tokenizer, forget, retain, test, label_names, max_length):
@@ -114,12 +120,16 @@ def _metrics(model, tokenizer, forget, retain, test, label_names, max_length):
 
 
 @contextlib.contextmanager
-def distributed():
+def distributed(device=None):
     """Join the process group that ``torchrun`` or ``accelerate launch`` describes in the
     environment (WORLD_SIZE > 1): NCCL with one GPU per local rank, gloo on CPUs; leave it at
-    the end if this joined it. Yields (rank, this process's device)."""
-    cuda = torch.cuda.is_available()
-    device = torch.device("cuda", int(os.environ.get("LOCAL_RANK", 0))) if cuda else torch.device("cpu")
+    the end if this joined it. Yields (rank, this process's device): ``device`` when given
+    (one process), else the local rank's GPU, else the CPU."""
+    cuda = torch.cuda.is_available() if device is None else torch.device(device).type == "cuda"
+    if device is not None and int(os.environ.get("WORLD_SIZE", 1)) == 1:
+        device = torch.device(device)
+    else:
+        device = torch.device("cuda", int(os.environ.get("LOCAL_RANK", 0))) if cuda else torch.device("cpu")
     joined = int(os.environ.get("WORLD_SIZE", 1)) > 1 and not dist.is_initialized()
     if joined:
         if cuda:
@@ -148,14 +158,16 @@ def _previous_result(out: Path, fingerprint: dict):
 
 def run_unlearn_job(model_dir, data_path, out, config: UnlearnConfig, forget_spec: dict, test_path=None,
                     columns=None, checkpoint_every=CHECKPOINT_EVERY, progress=True, task="sequence",
-                    restart=False):
-    """Unlearn ``forget_spec`` (forget_indices' keywords) from the model in ``model_dir``. Under
-    torchrun / accelerate launch every rank trains (DDP) and rank 0 writes the outputs. A rerun
-    of a finished run returns its report; ``restart`` discards what ``out`` holds first."""
+                    restart=False, device=None, merge=False):
+    """Unlearn ``forget_spec`` (forget_indices' keywords) from the model in ``model_dir`` (a full
+    model, or a PEFT adapter: saved as an adapter again, or merged into a full model with
+    ``merge``) on ``device`` (default: the GPU when there is one). Under torchrun / accelerate
+    launch every rank trains (DDP) and rank 0 writes the outputs. A rerun of a finished run
+    returns its report; ``restart`` discards what ``out`` holds first."""
     out = Path(out)
     label_names, train, forget, retain, test = _sets(model_dir, data_path, forget_spec, task, columns, test_path)
     check_layer(model_dir, config.layer)
-    fingerprint = run_fingerprint(model_dir, train, forget, config, task)
+    fingerprint = run_fingerprint(model_dir, train, forget, config, task, merge)
     writer = int(os.environ.get("RANK", "0")) == 0  # the rank that writes (known before joining the group)
     with claimed_folder(out) if writer else contextlib.nullcontext(out):
         checkpoint = Checkpoint(out / "checkpoint.pt", every=checkpoint_every, fingerprint=fingerprint)
@@ -172,7 +184,7 @@ def run_unlearn_job(model_dir, data_path, out, config: UnlearnConfig, forget_spe
             return finished if writer else None
         resumed_from = ((checkpoint.load() if checkpoint else None) or {}).get("step", 0)
         model, tokenizer = load_classifier(model_dir, label_names, task=task)
-        with distributed() as (rank, device):
+        with distributed(device) as (rank, device):
             world = dist.get_world_size() if dist.is_initialized() else 1
             start = time.perf_counter()
             result = DeepCUTUnlearner(model.to(device), tokenizer, config).unlearn(forget, retain, progress=progress,
@@ -181,9 +193,13 @@ def run_unlearn_job(model_dir, data_path, out, config: UnlearnConfig, forget_spe
         if rank > 0:  # the model is the same on every rank: rank 0 evaluates and writes
             return None
         metrics = _metrics(model, tokenizer, forget, retain, test, label_names, config.max_length)
-        save_model_atomically(result.model, tokenizer, out / "model")
-        report = dict(config=asdict(config), sizes=dict(forget=len(forget), retain=len(retain)), seconds=seconds,
-                      processes=world, resumed_from_step=resumed_from, stopped_early=result.stopped_early,
+        save_model_atomically(lambda folder: save_trained(result.model, tokenizer, folder, merge), out / "model")
+        new_steps = [r["seconds"] for r in result.history[resumed_from:]]
+        report = dict(config=asdict(config), embedding=resolve_embedding(config.embedding, model, forget.token_level),
+                      sizes=dict(forget=len(forget), retain=len(retain)), seconds=seconds, processes=world,
+                      device=str(device), seconds_per_step=sum(new_steps) / max(1, len(new_steps)),
+                      peak_memory_bytes=result.peak_memory_bytes, adapter=is_adapter(model_dir), merged=merge,
+                      resumed_from_step=resumed_from, stopped_early=result.stopped_early,
                       metrics=metrics, history=result.history, fingerprint=fingerprint)
         atomic_write_json(out / "report.json", report)
         checkpoint.path.unlink(missing_ok=True)

