@@ -11,7 +11,7 @@ import torch
 
 from deepcut_fast.cli import main
 from deepcut_fast.unlearning.files import claimed_folder
-from tiny_models import save_toy_job
+from tiny_models import interrupted_at, save_toy_job
 
 
 @pytest.fixture(scope="module")
@@ -128,21 +128,8 @@ def test_the_console_script_prints_one_line_and_debug_the_traceback(saved, tmp_p
 
 def interrupted_run(saved, out, capsys, **changes):
     """A run stopped after its first checkpoint (steps 4, checkpoint every 2, stopped at step 3)."""
-    from deepcut_fast.unlearning import unlearner
-
-    real, calls = unlearner.deepcut_loss, []
-
-    def stop_at_third(*args):
-        calls.append(1)
-        if len(calls) == 3:
-            raise KeyboardInterrupt
-        return real(*args)
-
-    unlearner.deepcut_loss = stop_at_third
-    try:
+    with interrupted_at(3):
         assert main(["unlearn"] + unlearn_args(saved, out, steps="4", checkpoint_every="2", **changes)) == 130
-    finally:
-        unlearner.deepcut_loss = real
     capsys.readouterr()
     assert (out / "checkpoint.pt").exists()
 

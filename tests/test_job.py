@@ -4,7 +4,7 @@ import json
 import pytest
 
 from deepcut_fast.cli import main
-from tiny_models import fine_tune, save_toy_job, tiny_bert, tokenizer
+from tiny_models import fine_tune, interrupted_at, save_toy_job, tiny_bert, tokenizer
 
 
 @pytest.fixture(scope="module")
@@ -26,22 +26,11 @@ def test_unlearn_class_writes_model_and_report(saved, tmp_path):
     assert not (tmp_path / "out" / "checkpoint.pt").exists()
 
 
-def test_rerun_after_interruption_resumes(saved, tmp_path, monkeypatch):
-    from deepcut_fast.unlearning import unlearner
-
-    real, calls = unlearner.deepcut_loss, []
-
-    def interrupted(*args):
-        calls.append(1)
-        if len(calls) == 4:
-            raise KeyboardInterrupt
-        return real(*args)
-
+def test_rerun_after_interruption_resumes(saved, tmp_path):
     ids = tmp_path / "forget.txt"
     ids.write_text("business-0\nbusiness-1\nsport-3\n")
-    monkeypatch.setattr(unlearner, "deepcut_loss", interrupted)
-    assert run(saved, tmp_path / "out", "--forget-ids", str(ids), "--steps", "6", "--checkpoint-every", "2") == 130
-    monkeypatch.undo()
+    with interrupted_at(4):
+        assert run(saved, tmp_path / "out", "--forget-ids", str(ids), "--steps", "6", "--checkpoint-every", "2") == 130
     assert (tmp_path / "out" / "checkpoint.pt").exists() and not (tmp_path / "out" / "model").exists()
     run(saved, tmp_path / "out", "--forget-ids", str(ids), "--steps", "6", "--checkpoint-every", "2")
     report = json.loads((tmp_path / "out" / "report.json").read_text())

@@ -1,4 +1,5 @@
 """A toy corpus and a small random BERT for fast unlearning tests (real tokenizer, offline)."""
+import contextlib
 import random
 
 import torch
@@ -116,3 +117,24 @@ def tiny_decoder(kind, label_names, vocab_size, pad_token_id, seed=0):
     return LlamaForSequenceClassification(LlamaConfig(vocab_size=vocab_size, hidden_size=32, intermediate_size=64,
                                                       num_hidden_layers=2, num_attention_heads=2,
                                                       num_key_value_heads=2, max_position_embeddings=64, **labels))
+
+
+@contextlib.contextmanager
+def interrupted_at(step):
+    """DeepCUT steps raise KeyboardInterrupt (as Ctrl-C would) at the ``step``-th step taken in
+    the block."""
+    from deepcut_fast.unlearning import unlearner
+
+    real, calls = unlearner.deepcut_loss, []
+
+    def interrupted(*args):
+        calls.append(1)
+        if len(calls) == step:
+            raise KeyboardInterrupt
+        return real(*args)
+
+    unlearner.deepcut_loss = interrupted
+    try:
+        yield
+    finally:
+        unlearner.deepcut_loss = real
