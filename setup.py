@@ -1,6 +1,6 @@
 """Build script: the Python package, its Triton kernels (``kernels/`` installed as
 ``deepcut_fast.kernels``) and the compiled extension ``deepcut_fast._C`` from ``csrc/``
-(C++/OpenMP CPU kernel; the CUDA kernel too when torch has CUDA and nvcc is found).
+(the C++/OpenMP CPU kernel; GPUs run the Triton kernels).
 
 Build with ``pip install --no-build-isolation -e .`` so the extension compiles against the
 installed torch. Requirements are ranges so the package installs beside an existing torch
@@ -11,24 +11,16 @@ README.md ("Dependencies") says why each one is.
 """
 from pathlib import Path
 
-import torch
 from setuptools import setup
-from torch.utils.cpp_extension import CUDA_HOME, BuildExtension, CppExtension, CUDAExtension
+from torch.utils.cpp_extension import BuildExtension, CppExtension
 
 CSRC = Path("csrc")
 
 
 def extension():
     sources = [str(CSRC / "bindings.cpp"), str(CSRC / "cpu" / "contrastive_cpu.cpp")]
-    args = {"cxx": ["-O3", "-fopenmp"]}
-    if torch.version.cuda and CUDA_HOME:  # the CPU wheel of torch cannot build CUDA code
-        sources += [str(CSRC / "cuda" / "contrastive_cuda.cu"), str(CSRC / "cuda" / "contrastive_cuda.cpp")]
-        args["cxx"].append("-DDEEPCUT_WITH_CUDA")
-        args["nvcc"] = ["-O3", "-DDEEPCUT_WITH_CUDA", "-gencode=arch=compute_80,code=sm_80",
-                        "-gencode=arch=compute_90,code=sm_90"]
-        return CUDAExtension("deepcut_fast._C", sources, extra_compile_args=args,
-                             extra_link_args=["-fopenmp"])
-    return CppExtension("deepcut_fast._C", sources, extra_compile_args=args, extra_link_args=["-fopenmp"])
+    return CppExtension("deepcut_fast._C", sources, extra_compile_args={"cxx": ["-O3", "-fopenmp"]},
+                        extra_link_args=["-fopenmp"])
 
 
 setup(

@@ -136,7 +136,7 @@ def _infcl_build():
 
 
 METHODS = {m.name: m for m in [
-    _backend("triton"), _backend("cuda"), _backend("cpu"), _reference(False), _reference(True),
+    _backend("triton"), _backend("cpu"), _reference(False), _reference(True),
     Method("supcon_pml", ("supcon",), _pml_unavailable, _pml_build),
     Method("inf_cl", ("one_positive",), _infcl_unavailable, _infcl_build),
 ]}

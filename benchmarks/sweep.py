@@ -36,7 +36,7 @@ from benchmarks.peers import METHODS, make_workload
 
 DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}
 FLOPS_PER_MND = {"fwd": 2, "bwd": 4, "fwdbwd": 6}
-FUSED = ("triton", "cuda", "cpu")
+FUSED = ("triton", "cpu")
 ALL_DIMS = (128, 384, 768, 1024, 4096)
 MATMUL_OUTPUT_CAP_BYTES = 2 ** 30
 

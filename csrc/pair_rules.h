@@ -1,14 +1,10 @@
-// The per-pair rules (docs/spec.md, section 2), shared by the CPU (C++) and CUDA kernels.
+// The per-pair rules of the CPU kernel (docs/spec.md, section 2).
 #pragma once
 
 #include <cmath>
 #include <cstdint>
 
-#if defined(__CUDACC__)
-#define DEEPCUT_HOST_DEVICE __host__ __device__ __forceinline__
-#else
 #define DEEPCUT_HOST_DEVICE inline
-#endif
 
 namespace deepcut {
 

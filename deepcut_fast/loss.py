@@ -98,7 +98,7 @@ def contrastive_unlearn_loss(
         normalize: L2-normalise rows first (cosine similarity).
         reduction: "mean" (per group over anchors with positives), "sum" or "none" ([M]).
         ignore_index: label value of rows that are neither anchors nor candidates.
-        backend: "auto", "triton", "cuda", "cpu" or "reference".
+        backend: "auto", "triton", "cpu" or "reference".
         process_group: a torch.distributed group (e.g. ``torch.distributed.group.WORLD``): the
             loss of the global batch, every rank's rows gathered with gradient, as one process
             would compute it on the concatenation (``deepcut_fast.distributed``); under DDP the

@@ -15,8 +15,7 @@ from deepcut_fast import compiled
 from deepcut_fast.reference import NORM_EPS, default_instance_ids, reduce_anchor_losses, reference_loss_wide
 
 FUSED_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
-BACKENDS = ("auto", "triton", "cuda", "cpu", "reference")
-COMPILED_DEVICE = {"cpu": "cpu", "cuda": "cuda"}  # compiled backend -> the device it runs on
+BACKENDS = ("auto", "triton", "cpu", "reference")
 
 
 def _triton_module():
@@ -44,21 +43,18 @@ def backend_unavailable_reason(backend: str, device: torch.device, dtype: torch.
             return ("Triton runs CPU tensors only in its interpreter: set TRITON_INTERPRET=1 "
                     "before importing deepcut_fast (slow; meant for tests)")
         return f"Triton kernels run on CUDA devices, got device {device}"
-    if backend in COMPILED_DEVICE:
-        if device.type != COMPILED_DEVICE[backend]:
-            return f"the {backend} kernel runs on {COMPILED_DEVICE[backend]} tensors, got device {device}"
-        return compiled.unavailable_reason(backend)
+    if backend == "cpu":
+        if device.type != "cpu":
+            return f"the cpu kernel runs on cpu tensors, got device {device}"
+        return compiled.unavailable_reason()
     raise ValueError(f"backend must be one of {BACKENDS}, got {backend!r}")
 
 
 def resolve_backend(backend: str, device: torch.device, dtype: torch.dtype) -> str:
     """The concrete backend for ``backend`` ('auto' picks the fastest available one)."""
     if backend == "auto":  # the fastest fused kernel that runs here, else the reference
-        preferred = ("triton", "cuda") if device.type == "cuda" else ("cpu",)
-        for candidate in preferred:
-            if backend_unavailable_reason(candidate, device, dtype) is None:
-                return candidate
-        return "reference"
+        candidate = "triton" if device.type == "cuda" else "cpu"
+        return candidate if backend_unavailable_reason(candidate, device, dtype) is None else "reference"
     reason = backend_unavailable_reason(backend, device, dtype)
     if reason is not None:
         raise RuntimeError(f"backend={backend!r} is unavailable: {reason}")
@@ -68,8 +64,8 @@ def resolve_backend(backend: str, device: torch.device, dtype: torch.dtype) -> s
 def _fused_module(backend: str):
     if backend == "triton":
         return _triton_module()
-    if backend in COMPILED_DEVICE:
-        return compiled.kernels(backend)
+    if backend == "cpu":
+        return compiled.kernels()
     raise ValueError(f"no fused implementation named {backend!r}")
 
 

@@ -3,10 +3,9 @@ import pytest
 import torch
 
 from batches import make_batch
-from deepcut_fast import compiled, ops
+from deepcut_fast import available_backends, compiled, ops
 
-pytestmark = pytest.mark.skipif(compiled.unavailable_reason("cpu") is not None,
-                                reason=str(compiled.unavailable_reason("cpu")))
+pytestmark = pytest.mark.skipif(available_backends()["cpu"] is not None, reason=str(available_backends()["cpu"]))
 
 
 @pytest.mark.parametrize("candidates", [None, 300])
