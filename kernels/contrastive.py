@@ -27,6 +27,10 @@ import triton.language as tl
 # Read when the kernels are decorated, like Triton itself does.
 INTERPRET = os.environ.get("TRITON_INTERPRET", "0") == "1"
 
+# The backward scales dS so that its largest possible magnitude is this (see backward): large
+# enough that tiny coefficients stay normal numbers in fp16, small enough never to overflow it.
+DS_SCALE = 2.0 ** 14
+
 # constexpr globals may be read inside jitted code
 LOG2E = tl.constexpr(1.4426950408889634)
 LN2 = tl.constexpr(0.6931471805599453)
@@ -163,9 +167,10 @@ def _candidate_tile(U, C, C_LABEL, C_FORGET, C_INST, rows, row_ok, a_label, a_fo
 
 @triton.jit
 def _accumulate_grad(acc, ds, x, UPCAST: tl.constexpr, PRECISION: tl.constexpr):
-    """acc += ds @ x; on a GPU in x's dtype (tensor cores, like FlashAttention's P @ V)."""
+    """acc += ds @ x; on a GPU in x's dtype (tensor cores, like FlashAttention's P @ V). The
+    interpreter rounds ds to x's dtype as well, so that tests see the GPU's rounding."""
     if UPCAST:
-        return tl.dot(ds, x.to(tl.float32), acc, input_precision=PRECISION)
+        return tl.dot(ds.to(x.dtype).to(tl.float32), x.to(tl.float32), acc, input_precision=PRECISION)
     return tl.dot(ds.to(x.dtype), x, acc, input_precision=PRECISION)
 
 
@@ -340,13 +345,21 @@ def backward(grad_loss, u, labels, forget, instance_ids, candidates, candidate_l
     """(dL/du, dL/dcandidates) in fp32 given dL/dloss_i; in the self case dL/du holds both
     sides and the second is None. A gradient that is not needed is None."""
     u = u.contiguous()
+    # dS = coef * (softmax - positive weights) is rounded to the input dtype for the tensor-core
+    # product. coef carries the upstream gradient and the group weight / count, easily 1e-6
+    # and less, which puts most of dS below fp16's normal range (6e-5) or under its smallest
+    # subnormal. Normalise the coefficients so the largest is DS_SCALE (|dS| <= DS_SCALE, far
+    # inside fp16), and undo the scale in the fp32 epilogue.
     grad_loss = grad_loss.contiguous().to(torch.float32)
+    largest = grad_loss.abs().max().item() if grad_loss.numel() else 0.0
+    scale = DS_SCALE / largest if largest > 0 else 1.0
+    grad_loss = grad_loss * scale
     tensors, scalars, flags, qk_scale, ignore = _launch_args(
         u, labels, forget, instance_ids, candidates, candidate_labels, temperature, pull_lse,
         ignore_index)
     M, N, D = scalars[0], scalars[1], scalars[2]
     stats = (grad_loss, lse_a, lse_p, count)
-    grad_scale = 1.0 / temperature
+    grad_scale = 1.0 / (temperature * scale)
     self_case = candidates is None
     du = dc = None
     if need_anchor_grad:
