@@ -59,6 +59,19 @@ def plan_points(plan):
         yield "one_positive", "bf16", 768, 64 * k, FUSED + ("inf_cl",)
         yield "self", "bf16", 512, 1024 * k, FUSED
         return
+    if plan == "gpu-check":  # scripts/gpu_check.sh: the headline comparison that fits a few minutes
+        for d in (128, 384, 768):
+            for n in (16 * k, 32 * k, 64 * k):
+                yield "self", "bf16", d, n, FUSED + ("reference", "reference_compiled")
+        yield "one_positive", "bf16", 768, 64 * k, FUSED + ("inf_cl",)
+        yield "self", "bf16", 512, 1024 * k, FUSED  # the 1M-row memory run
+        return
+    if plan == "gpu-check-dry":  # the same on a CPU at tiny sizes (scripts/gpu_check.sh --dry-run)
+        for d in (32, 48):
+            for n in (64, 128):
+                yield "self", "fp32", d, n, FUSED + ("reference",)
+        yield "one_positive", "fp32", 48, 128, FUSED + ("inf_cl",)
+        return
     if plan == "scaling":  # time and memory vs N
         for n in (4 * k, 8 * k, 16 * k, 32 * k, 64 * k, 128 * k, 256 * k, 1024 * k):
             yield "self", "bf16", 384, n, FUSED + ("reference", "reference_compiled")
@@ -131,8 +144,14 @@ class ResultLog:
         self.path = Path(path)
         self.records = []
         if resume and self.path.exists():
-            with open(self.path) as f:
-                self.records = [json.loads(line) for line in f if line.strip()]
+            lines = [line for line in self.path.read_text().splitlines() if line.strip()]
+            for number, line in enumerate(lines, start=1):
+                try:
+                    self.records.append(json.loads(line))
+                except json.JSONDecodeError:
+                    if number < len(lines):  # only the last line can be cut short by a kill
+                        raise ValueError(f"{self.path}, line {number}: not valid JSON") from None
+                    self.path.write_text("".join(json.dumps(r) + "\n" for r in self.records))  # drop it
         elif self.path.exists():
             raise FileExistsError(f"{self.path} exists; pass --resume to continue it or pick another --out")
         self.done = {self.key(r) for r in self.records}
@@ -244,8 +263,9 @@ def write_outputs(out, records, meta):
 def main(argv=None):
     argv = sys.argv[1:] if argv is None else argv
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--plan", nargs="+", default=["headline", "scaling"],
-                        choices=["quick", "headline", "scaling"])
+    parser.add_argument("--plan", nargs="*", default=["headline", "scaling"],
+                        choices=["quick", "headline", "scaling", "gpu-check", "gpu-check-dry"],
+                        help="plans to measure (none: only rewrite the CSV, meta and plots from results.jsonl)")
     parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     parser.add_argument("--out", required=True, help="directory for results.jsonl, results.csv, meta.json, plots")
     parser.add_argument("--resume", action="store_true", help="continue an interrupted sweep in --out")

@@ -61,3 +61,14 @@ def test_resume_continues_and_refuses_to_overwrite(tmp_path):
     sweep.main(args + ["--resume"])
     resumed = (tmp_path / "results.jsonl").read_text().splitlines()
     assert resumed[:5] == lines[:5] and len(resumed) == len(lines)
+
+
+def test_resume_drops_a_last_line_cut_short_by_a_kill(tmp_path):
+    args = ["--plan", "quick", "--device", "cpu", "--out", str(tmp_path), "--methods", "cpu"]
+    sweep.main(args)
+    lines = (tmp_path / "results.jsonl").read_text().splitlines()
+    (tmp_path / "results.jsonl").write_text("\n".join(lines[:3]) + "\n" + lines[3][:25])  # killed mid-write
+    sweep.main(args + ["--resume"])
+    assert len(rows(tmp_path)) == len(lines)
+    sweep.main(args + ["--resume"])  # and the file stays readable afterwards
+    assert len(rows(tmp_path)) == len(lines)
