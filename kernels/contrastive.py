@@ -283,8 +283,12 @@ def _backward_candidate_kernel(U, C, A_LABEL, A_FORGET, A_INST, C_LABEL, C_FORGE
                     mask=row_ok[:, None] & dim_ok[None, :], other=0.0)
         acc = _accumulate_grad(acc, tl.trans(ds), u, UPCAST, PRECISION)
     cols = n0 + tl.arange(0, BLOCK_N)
-    tl.store(DC + cols.to(tl.int64)[:, None] * stride_dc + dims[None, :], acc * grad_scale,
-             mask=(cols < N)[:, None] & dim_ok[None, :])
+    out = DC + cols.to(tl.int64)[:, None] * stride_dc + dims[None, :]
+    out_ok = (cols < N)[:, None] & dim_ok[None, :]
+    acc = acc * grad_scale
+    if SELF:  # both terms land on z: add to the anchor kernel's rows, no second [M, D] buffer
+        acc += tl.load(out, mask=out_ok, other=0.0)
+    tl.store(out, acc, mask=out_ok)
 
 
 def _autotuned(kernel, gpu_configs, interpret_configs):
@@ -368,10 +372,9 @@ def backward(grad_loss, u, labels, forget, instance_ids, candidates, candidate_l
         backward_anchor_kernel[grid](*tensors, *stats, du, *scalars, du.stride(0), qk_scale,
                                      grad_scale, ignore, **flags)
     if need_candidate_grad or (self_case and need_anchor_grad):
-        dc = torch.empty(N, D, device=u.device, dtype=torch.float32)
+        # the self case accumulates the candidate term into du in place (its rows are z's rows)
+        dc = du if self_case else torch.empty(N, D, device=u.device, dtype=torch.float32)
         grid = lambda meta: (triton.cdiv(N, meta["BLOCK_N"]), triton.cdiv(D, meta["BLOCK_DO"]))  # noqa: E731
         backward_candidate_kernel[grid](*tensors, *stats, dc, *scalars, dc.stride(0), qk_scale,
                                         grad_scale, ignore, **flags)
-    if self_case:
-        return (du + dc if du is not None else None), None
-    return du, dc
+    return (du, None) if self_case else (du, dc)

@@ -141,3 +141,19 @@ def test_reference_backend_in_fp16_at_small_temperature():
     assert abs(got - want) <= 4 * 2 ** -11 * want
     with pytest.raises(ValueError, match="does not fit in float16"):
         contrastive_unlearn_loss(**b, temperature=1e-6, backend="reference")
+
+
+def test_unit_rows_match_normalize_and_its_gradient(monkeypatch):
+    """The normaliser that recomputes in chunks instead of keeping an fp32 copy: same values and
+    gradients as F.normalize, over several chunks, with a zero row (below eps)."""
+    monkeypatch.setattr(ops, "NORMALIZE_CHUNK_BYTES", 4 * 5 * 3)  # chunks of 3 rows of D = 5
+    x = torch.randn(10, 5, dtype=torch.float64)
+    x[4] = 0.0
+    torch.testing.assert_close(ops.UnitRows.apply(x), torch.nn.functional.normalize(x, dim=1, eps=1e-12))
+    torch.autograd.gradcheck(ops.UnitRows.apply, (x[[0, 1, 2, 3, 5, 6, 7]].clone().requires_grad_(),))
+    g = torch.randn(10, 5, dtype=torch.float64)
+    leaf = x.clone().requires_grad_()
+    (ops.UnitRows.apply(leaf) * g).sum().backward()
+    ref = x.clone().requires_grad_()
+    (torch.nn.functional.normalize(ref, dim=1, eps=1e-12) * g).sum().backward()
+    torch.testing.assert_close(leaf.grad, ref.grad)
