@@ -2,7 +2,7 @@
 
 The interpreter accepts code the GPU compiler refuses and cannot show which instructions a
 dot becomes. aot_compile.py compiles each kernel for A100 and H100 targets, for every input
-dtype and every tile config the autotuner may pick; here the PTX must use tensor cores
+dtype and every tile config the autotuner may pick, specialised as the runtime does; here the PTX must use tensor cores
 (mma.sync on sm_80, wgmma on sm_90) in the input dtype for fp16/bf16, and shared memory must
 fit the target (Triton would only report that at launch time, on the GPU).
 """
@@ -21,8 +21,9 @@ SHARED_MEMORY_LIMIT = {80: 163 * 1024, 90: 227 * 1024}  # bytes per block (opt-i
 @pytest.fixture(scope="module")
 def compiled():
     """Compile once per architecture, both at the same time, in processes without the interpreter."""
-    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
     script = Path(__file__).with_name("aot_compile.py")
+    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
+    env["PYTHONPATH"] = os.pathsep.join([str(script.parents[1])] + env.get("PYTHONPATH", "").split(os.pathsep))
     procs = [subprocess.Popen([sys.executable, str(script), str(a)], env=env, stdout=subprocess.PIPE,
                               stderr=subprocess.PIPE, text=True) for a in ARCHS]
     results = []

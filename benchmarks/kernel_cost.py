@@ -1,0 +1,263 @@
+"""Static cost model of the Triton kernels, without a GPU.
+
+    python -m benchmarks.kernel_cost --json benchmarks/results/kernel-cost.json [--arch 90] [--dtype bf16]
+
+Every kernel variant that can launch (each autotune config x fp32/fp16/bf16 x self/bank case x
+forget pull, for sm_90 and sm_80) is compiled ahead of time exactly as the runtime specialises
+it: pointers 16-byte aligned and the integer arguments that are multiples of 16 (M, N, D and the
+strides at the shapes below) marked divisible by 16. For each: registers, spill bytes and shared
+memory (``ptxas -v`` from the triton wheel), whether the dots use wgmma (sm_90) / mma.sync
+(sm_80), and from the SASS (``cuobjdump -sass``) of the steady-state loop over tiles (the
+outermost loop; inner loops over D counted once per chunk of D): instructions, MUFU (exp2/log2)
+and tensor-core instructions per pair, a pair being one (anchor, candidate) entry of a tile
+handled by one thread.
+
+Per loss call it reports GEMM-equivalents (tensor-core work / 2MND) of the forward and backward
+and a roofline estimate for an H100 SXM of their time and of their fraction of a same-shape
+bf16/fp16 matmul (forward: 2MND useful flops, backward: 4MND), at N = M = 32k with D = 128 and
+768. The model, all modelled and none measured:
+- 132 SMs at 1.83 GHz; 989.4 dense bf16/fp16 tensor TFLOP/s (1024 FMA per clock per SM);
+- 4 warp instructions issued per clock per SM (128 thread instructions); 16 MUFU results per
+  clock per SM;
+- a kernel takes the longest of its tensor, issue and MUFU times (perfect overlap: optimistic),
+  with the autotuner's best config; fp32 records get no fraction (no bf16 tensor-core peak).
+"""
+import argparse
+import json
+import math
+import os
+import re
+import subprocess
+import sys
+import tempfile
+from pathlib import Path
+
+SMS, CLOCK_HZ = 132, 1.83e9
+TENSOR_FLOPS = 989.4e12
+ISSUE_PER_CLOCK_PER_SM = 128
+MUFU_PER_CLOCK_PER_SM = 16
+SHAPES = [(32 * 1024, 128), (32 * 1024, 768)]  # (M = N, D)
+DTYPES = ("fp32", "fp16", "bf16")
+ARG_TYPES = {  # U and C take the input dtype; every other argument is a constexpr
+    "A_LABEL": "*i64", "A_INST": "*i64", "C_LABEL": "*i64", "C_INST": "*i64",
+    "A_FORGET": "*i8", "C_FORGET": "*i8", "COUNT": "*i32",
+    "LOSS": "*fp32", "LSE_A": "*fp32", "LSE_P": "*fp32", "GRAD": "*fp32", "DU": "*fp32", "DC": "*fp32",
+    "M": "i32", "N": "i32", "D": "i32", "stride_u": "i32", "stride_c": "i32", "stride_du": "i32",
+    "stride_dc": "i32", "ignore_index": "i32", "qk_scale": "fp32", "grad_scale": "fp32",
+}
+DIVISIBLE_INTS = {"M", "N", "D", "stride_u", "stride_c", "stride_du", "stride_dc"}  # at the shapes above
+
+
+def kernels():
+    """name -> (the jitted kernel behind the autotuned launcher, its configs)."""
+    assert os.environ.get("TRITON_INTERPRET", "0") != "1", "unset TRITON_INTERPRET to compile for a GPU"
+    from deepcut_fast.kernels import contrastive as k
+
+    return {"forward": (k.forward_kernel.fn, k.GPU_FORWARD_CONFIGS),
+            "backward_anchor": (k.backward_anchor_kernel.fn, k.GPU_BACKWARD_CONFIGS),
+            "backward_candidate": (k.backward_candidate_kernel.fn, k.GPU_BACKWARD_CONFIGS)}
+
+
+def compile_variant(fn, config, dtype, arch, self_case, pull_lse, precision):
+    """triton.compile of one variant for sm_<arch>, specialised as the runtime would."""
+    import triton
+    from triton.backends.compiler import GPUTarget
+    from triton.compiler import ASTSource
+
+    signature = {name: ARG_TYPES.get(name, f"*{dtype}" if name in ("U", "C") else "constexpr")
+                 for name in fn.arg_names}
+    constexprs = dict(config.kwargs, SELF=self_case, PULL_LSE=pull_lse, UPCAST=False, PRECISION=precision)
+    attrs = {(i,): [["tt.divisibility", 16]] for i, name in enumerate(fn.arg_names)
+             if signature[name].startswith("*") or name in DIVISIBLE_INTS}
+    source = ASTSource(fn=fn, signature=signature, constexprs=constexprs, attrs=attrs)
+    return triton.compile(source, target=GPUTarget("cuda", arch, 32),
+                          options=dict(num_warps=config.num_warps, num_stages=config.num_stages))
+
+
+def mma_instructions(compiled):
+    return sorted(set(re.findall(r"(?:wgmma\.mma_async|mma\.sync)\S*", compiled.asm["ptx"])))
+
+
+def _tool(name):
+    import triton
+
+    return str(Path(triton.__file__).parent / "backends" / "nvidia" / "bin" / name)
+
+
+def ptxas_stats(compiled, arch):
+    """(registers, spill store + load bytes) from ptxas -v: the wheel's ptxas that reads this PTX
+    version (Triton emits the version of the ptxas it compiles with)."""
+    version = re.search(r"^\.version (\d+)\.", compiled.asm["ptx"], re.M).group(1)
+    tool = "ptxas" if int(version) <= 8 else "ptxas-blackwell"
+    with tempfile.TemporaryDirectory() as folder:
+        ptx = Path(folder) / "kernel.ptx"
+        ptx.write_text(compiled.asm["ptx"])
+        log = subprocess.run([_tool(tool), "-v", f"-arch=sm_{arch}{'a' if arch == 90 else ''}",
+                              str(ptx), "-o", str(Path(folder) / "kernel.cubin")],
+                             capture_output=True, text=True, check=True).stderr
+    registers = int(re.search(r"Used (\d+) registers", log).group(1))
+    spills = re.search(r"(\d+) bytes spill stores, (\d+) bytes spill loads", log)
+    return registers, int(spills.group(1)) + int(spills.group(2))
+
+
+def sass_lines(compiled):
+    with tempfile.TemporaryDirectory() as folder:
+        cubin = Path(folder) / "kernel.cubin"
+        cubin.write_bytes(compiled.asm["cubin"])
+        sass = subprocess.run([_tool("cuobjdump"), "-sass", str(cubin)], capture_output=True, text=True,
+                              check=True).stdout
+    found = re.findall(r"/\*([0-9a-f]{4,})\*/\s+([^;]*);", sass)
+    return [(int(address, 16), text.strip()) for address, text in found]
+
+
+def loop_profile(lines, d_chunks):
+    """Instructions, MUFU and tensor-core instructions of one iteration of the outermost loop,
+    inner loops counted ``d_chunks`` times (they walk D in chunks)."""
+    loops = []
+    for address, text in lines:
+        target = re.search(r"\bBRA\s+(0x[0-9a-f]+)", text)
+        if target and int(target.group(1), 16) < address:
+            loops.append((int(target.group(1), 16), address))
+    if not loops:
+        return None
+    start, end = max(loops, key=lambda loop: loop[1] - loop[0])
+    inner = [(a, b) for a, b in loops if start < a and b < end]
+
+    def weight(address):  # how often an instruction runs per outer iteration
+        return d_chunks if any(a <= address <= b for a, b in inner) else 1
+
+    body = [(address, text) for address, text in lines if start <= address <= end]
+    count = sum(weight(a) for a, _ in body)
+    mufu = sum(weight(a) for a, t in body if re.search(r"\bMUFU\.", t))
+    tensor = sum(weight(a) for a, t in body if re.search(r"\b(HGMMA|HMMA|WGMMA)\b", t))
+    return count, mufu, tensor
+
+
+def variants(archs, dtypes):
+    from deepcut_fast.kernels.contrastive import dot_precision
+    import torch
+
+    torch_dtypes = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}
+    for arch in archs:
+        for kernel, (fn, configs) in kernels().items():
+            for dtype in dtypes:
+                for index, config in enumerate(configs):
+                    for case, pull in (("self", True), ("self", False), ("bank", True), ("bank", False)):
+                        yield dict(kernel=kernel, config=index, arch=arch, dtype=dtype, case=case, pull=pull,
+                                   precision=dot_precision(torch_dtypes[dtype])), fn, config
+
+
+def measure(record, fn, config):
+    compiled = compile_variant(fn, config, record["dtype"], record["arch"], record["case"] == "self",
+                               record["pull"], record["precision"])
+    registers, spills = ptxas_stats(compiled, record["arch"])
+    kw = config.kwargs
+    pairs = kw["BLOCK_M"] * kw["BLOCK_N"] / (32 * config.num_warps)  # per thread per loop iteration
+    record.update(regs=registers, spill_bytes=spills, shared_bytes=compiled.metadata.shared,
+                  mma=mma_instructions(compiled), block=dict(kw, num_warps=config.num_warps,
+                                                             num_stages=config.num_stages))
+    lines = sass_lines(compiled)
+    for _, dim in SHAPES:
+        profile = loop_profile(lines, math.ceil(dim / kw["BLOCK_K"]))
+        if profile is not None:
+            count, mufu, tensor = profile
+            record.setdefault("per_pair", {})[f"D{dim}"] = dict(sass=count / pairs, mufu=mufu / pairs,
+                                                                tensor=tensor / pairs)
+    first = record.get("per_pair", {}).get(f"D{SHAPES[0][1]}", {})
+    record.update(sass_per_pair=first.get("sass"), mufu_per_pair=first.get("mufu"),
+                  tensor_per_pair=first.get("tensor"))
+    return record
+
+
+def gemm_equivalents(kernel, config, dim):
+    """Tensor-core work of one kernel over the whole call, in units of 2MND."""
+    if kernel == "forward":
+        return 1.0
+    chunks = math.ceil(dim / config["BLOCK_DO"])  # every chunk of output features recomputes S
+    return chunks + 1.0
+
+
+def kernel_time(record, rows, dim):
+    pairs = rows * rows
+    per_pair = record["per_pair"][f"D{dim}"]
+    tensor = gemm_equivalents(record["kernel"], record["block"], dim) * 2 * rows * rows * dim / TENSOR_FLOPS
+    issue = pairs * per_pair["sass"] / (ISSUE_PER_CLOCK_PER_SM * SMS * CLOCK_HZ)
+    mufu = pairs * per_pair["mufu"] / (MUFU_PER_CLOCK_PER_SM * SMS * CLOCK_HZ)
+    return max(tensor, issue, mufu)
+
+
+def calls(records):
+    """Per (dtype, case, pull, shape) on sm_90: GEMM-equivalents and modelled fractions of a call."""
+    out = []
+    keys = {(r["arch"], r["dtype"], r["case"], r["pull"]) for r in records if r["arch"] == 90}  # an H100 model
+    for arch, dtype, case, pull in sorted(keys):
+        mine = [r for r in records if (r["arch"], r["dtype"], r["case"], r["pull"]) == (arch, dtype, case, pull)
+                and "per_pair" in r]
+        for rows, dim in SHAPES:
+            best = {}
+            for r in mine:
+                t = kernel_time(r, rows, dim)
+                if r["kernel"] not in best or t < best[r["kernel"]][0]:
+                    best[r["kernel"]] = (t, r)
+            if len(best) < 3:
+                continue
+            fwd_t, fwd = best["forward"]
+            bwd = [best["backward_anchor"], best["backward_candidate"]]
+            bwd_t = sum(t for t, _ in bwd)
+            half = dtype != "fp32"
+            out.append(dict(arch=arch, dtype=dtype, case=case, pull=pull, n=rows, dim=dim,
+                            gemm_equivalents_fwd=1.0,
+                            gemm_equivalents_bwd=sum(gemm_equivalents(r["kernel"], r["block"], dim) for _, r in bwd),
+                            modelled_seconds_fwd=fwd_t, modelled_seconds_bwd=bwd_t,
+                            modelled_fraction_fwd=(2 * rows * rows * dim / TENSOR_FLOPS) / fwd_t if half else None,
+                            modelled_fraction_bwd=(4 * rows * rows * dim / TENSOR_FLOPS) / bwd_t if half else None,
+                            configs={k: r["config"] for k, (_, r) in best.items()}))
+    return out
+
+
+def markdown(records, call_rows):
+    lines = ["| kernel | config | arch | dtype | case | pull | regs | spill B | shared KB | mma | SASS/pair | MUFU/pair |",
+             "|---|---|---|---|---|---|---|---|---|---|---|---|"]
+    for r in records:
+        if r["dtype"] != "bf16" or r["arch"] != 90:
+            continue
+        mma = "yes" if r["mma"] else "no"
+        lines.append(f"| {r['kernel']} | {r['config']} | sm_{r['arch']} | {r['dtype']} | {r['case']} | {r['pull']} | "
+                     f"{r['regs']} | {r['spill_bytes']} | {r['shared_bytes'] / 1024:.1f} | {mma} | "
+                     f"{r['sass_per_pair'] or 0:.1f} | {r['mufu_per_pair'] or 0:.2f} |")
+    lines += ["", "| arch | dtype | case | pull | N = M | D | GEMM-eq fwd | GEMM-eq bwd | modelled fwd / matmul | modelled bwd / matmul |",
+              "|---|---|---|---|---|---|---|---|---|---|"]
+    for c in call_rows:
+        if c["dtype"] == "fp32":
+            continue
+        lines.append(f"| sm_{c['arch']} | {c['dtype']} | {c['case']} | {c['pull']} | {c['n']} | {c['dim']} | "
+                     f"{c['gemm_equivalents_fwd']:.0f} | {c['gemm_equivalents_bwd']:.0f} | "
+                     f"{c['modelled_fraction_fwd']:.1%} | {c['modelled_fraction_bwd']:.1%} |")
+    return "\n".join(lines) + "\n"
+
+
+def main(argv=None):
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--json", required=True, help="where to write the records (and a .md table beside it)")
+    parser.add_argument("--arch", type=int, nargs="+", default=[90, 80], choices=[80, 90])
+    parser.add_argument("--dtype", nargs="+", default=list(DTYPES), choices=DTYPES)
+    args = parser.parse_args(argv)
+    records = []
+    for record, fn, config in variants(args.arch, args.dtype):
+        records.append(measure(record, fn, config))
+        print(f"{record['kernel']} config {record['config']} sm_{record['arch']} {record['dtype']} {record['case']} "
+              f"pull={record['pull']}: {record['regs']} regs, {record['spill_bytes']} B spilled, "
+              f"{record['sass_per_pair'] or 0:.1f} SASS/pair", file=sys.stderr)
+    call_rows = calls(records)
+    path = Path(args.json)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text(json.dumps(dict(model=dict(sms=SMS, clock_hz=CLOCK_HZ, tensor_flops=TENSOR_FLOPS,
+                                               issue_per_clock_per_sm=ISSUE_PER_CLOCK_PER_SM,
+                                               mufu_per_clock_per_sm=MUFU_PER_CLOCK_PER_SM),
+                                    kernels=records, calls=call_rows), indent=1))
+    path.with_suffix(".md").write_text(markdown(records, call_rows))
+    print(f"wrote {path} and {path.with_suffix('.md')}")
+
+
+if __name__ == "__main__":
+    main()
