@@ -8,7 +8,7 @@ import torch
 from deepcut_fast.cli import main
 from deepcut_fast.unlearning import baselines
 from deepcut_fast.unlearning.data import forget_indices
-from deepcut_fast.unlearning.model import embed, encode, load_classifier, set_activation_checkpointing
+from deepcut_fast.unlearning.model import embed, encode, load_classifier, save_trained, set_activation_checkpointing
 from deepcut_fast.unlearning.unlearner import DeepCUTUnlearner, UnlearnConfig, accuracy, deepcut_loss
 from tiny_models import fine_tune, tiny_bert, tiny_decoder, tokenizer, toy_corpus
 
@@ -121,6 +121,10 @@ def test_deepcut_on_an_adapter_trains_only_the_adapter(tok, data, adapter):
     for name, p in model.named_parameters():
         assert torch.equal(p, before[name]) != (name in trainable or "lora_B" in name), name
     assert accuracy(model, tokenizer_, forget, 32) <= 0.3
+    save_trained(model, tokenizer_, adapter / "unlearned")  # as an adapter, in PEFT's format
+    assert (adapter / "unlearned" / "adapter_config.json").exists()
+    reloaded, _ = load_classifier(adapter / "unlearned", data.label_names)
+    torch.testing.assert_close(logits(reloaded, tok, data.texts), logits(model, tok, data.texts))
 
 
 @needs_peft
@@ -146,7 +150,10 @@ def test_unlearn_command_saves_an_adapter_that_reloads_and_predicts_the_same(tok
 
     assert main(["evaluate", "--model", str(saved), "--reference", str(merged_dir), "--test", str(csv_path),
                  "--out", str(tmp_path / "eval.json")] + common[:6] + ["--max-length", "32"]) == 0
-    assert json.loads((tmp_path / "eval.json").read_text())["gap_to_reference"]["distance"] == pytest.approx(0, abs=0.02)
+    gaps = json.loads((tmp_path / "eval.json").read_text())["gap_to_reference"]
+    # the same predictions (a near-tie may flip one of 72 documents: 1.4 points); the membership
+    # attack's SVC, trained on confidences, is left out: it can flip on 1e-5 differences
+    assert all(gap <= 1.5 for key, gap in gaps.items() if key.endswith(("_accuracy", "_f1")))
 
 
 @needs_peft
