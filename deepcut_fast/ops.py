@@ -136,8 +136,13 @@ contrast_forward.register_autograd(_backward, setup_context=_setup_context)
 NORMALIZE_CHUNK_BYTES = 64 << 20  # fp32 scratch of the normalisation, per chunk of rows
 
 
+def chunk_rows(dim):
+    """Rows per chunk of the normalisation: their fp32 scratch fits NORMALIZE_CHUNK_BYTES."""
+    return max(1, NORMALIZE_CHUNK_BYTES // (4 * max(1, dim)))
+
+
 def _row_chunks(x):
-    rows = max(1, NORMALIZE_CHUNK_BYTES // (4 * max(1, x.shape[1])))
+    rows = chunk_rows(x.shape[1])
     return [slice(i, i + rows) for i in range(0, x.shape[0], rows)]
 
 
@@ -182,7 +187,7 @@ def memory_plan(rows: int, dim: int, dtype: torch.dtype) -> dict:
     op allocates exactly these [rows, dim] buffers and otherwise only chunks and O(rows) vectors."""
     element = torch.empty(0, dtype=dtype).element_size()
     full = rows * dim * element
-    chunk = min(rows, max(1, NORMALIZE_CHUNK_BYTES // (4 * dim))) * dim * 4
+    chunk = min(rows, chunk_rows(dim)) * dim * 4
     plan = dict(z=full, unit_rows=full, du_fp32=rows * dim * 4, du=full, dz=full,
                 per_row=rows * 128, normalize_scratch=8 * chunk)
     if dtype == torch.float32:  # the cast of du to the input dtype is du itself

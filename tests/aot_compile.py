@@ -17,11 +17,11 @@ from deepcut_fast.kernels.contrastive import dot_precision
 DTYPES = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}
 
 
-def variants():
+def variants(found):
     """Every (kernel, dtype, config) the autotuner may pick, plus the other constexpr branches."""
-    for kernel in kernels():
+    for kernel, (_, configs) in found.items():
         for dtype_name, dtype in DTYPES.items():
-            for index in range(len(kernels()[kernel][1])):
+            for index in range(len(configs)):
                 yield dict(kernel=kernel, dtype=dtype_name, config=index, self_case=True, pull_lse=True,
                            precision=dot_precision(dtype))
         yield dict(kernel=kernel, dtype="bf16", config=0, self_case=False, pull_lse=False, precision="ieee")
@@ -29,9 +29,9 @@ def variants():
 
 
 def main(arch):
-    results = []
-    for v in variants():
-        fn, configs = kernels()[v["kernel"]]
+    results, found = [], kernels()
+    for v in variants(found):
+        fn, configs = found[v["kernel"]]
         compiled = compile_variant(fn, configs[v["config"]], v["dtype"], arch, v["self_case"], v["pull_lse"],
                                    v["precision"])
         results.append(dict(v, arch=arch, shared=compiled.metadata.shared, mma=mma_instructions(compiled)))

@@ -49,15 +49,16 @@ def model_config(model_dir):
     return AutoConfig.from_pretrained(str(model_dir), local_files_only=True)
 
 
-def model_label_names(model_dir):
-    """The classes of a fine-tuned classifier, in id order, from its config."""
-    config = model_config(model_dir)
+def model_label_names(model_dir, config=None):
+    """The classes of a fine-tuned classifier, in id order, from its config (read if not given)."""
+    config = model_config(model_dir) if config is None else config
     return [config.id2label[i] for i in sorted(config.id2label)]
 
 
-def check_layer(model_dir, layer):
-    """The hidden layer an embedding is taken from exists (embeddings + one state per layer)."""
-    states = getattr(model_config(model_dir), "num_hidden_layers", None)
+def check_layer(config, layer):
+    """The hidden layer an embedding is taken from exists in a model with this transformers
+    config (embeddings + one state per layer)."""
+    states = getattr(config, "num_hidden_layers", None)
     if states is not None and not -(states + 1) <= layer < states + 1:
         raise ValueError(f"layer {layer} is out of range: the model has {states + 1} hidden states")
 
@@ -76,9 +77,12 @@ def load_data(path, label_names, task="sequence", columns=None, keep_ids=True):
     return load_table(path, label_names=label_names, **columns)
 
 
-def _sets(model_dir, data_path, forget_spec, task, columns, test_path=None):
-    """(label names, train, forget, retain, test or None), all read and checked."""
-    label_names = model_label_names(model_dir)
+def _sets(model_dir, data_path, forget_spec, task, columns, test_path=None, layer=-1):
+    """(label names, train, forget, retain, test or None), all read and checked, with the
+    hidden ``layer`` the embedding comes from."""
+    config = model_config(model_dir)
+    check_layer(config, layer)
+    label_names = model_label_names(model_dir, config)
     train = load_data(data_path, label_names, task, columns)
     forget, retain = train.partition(forget_indices(train, **forget_spec))
     test = None if test_path is None else load_data(test_path, label_names, task, columns, keep_ids=False)
@@ -165,8 +169,8 @@ def run_unlearn_job(model_dir, data_path, out, config: UnlearnConfig, forget_spe
     launch every rank trains (DDP) and rank 0 writes the outputs. A rerun of a finished run
     returns its report; ``restart`` discards what ``out`` holds first."""
     out = Path(out)
-    label_names, train, forget, retain, test = _sets(model_dir, data_path, forget_spec, task, columns, test_path)
-    check_layer(model_dir, config.layer)
+    label_names, train, forget, retain, test = _sets(model_dir, data_path, forget_spec, task, columns, test_path,
+                                                     config.layer)
     fingerprint = run_fingerprint(model_dir, train, forget, config, task, merge)
     writer = int(os.environ.get("RANK", "0")) == 0  # the rank that writes (known before joining the group)
     with claimed_folder(out) if writer else contextlib.nullcontext(out):
