@@ -22,8 +22,10 @@ import torch
 
 from deepcut_fast import available_backends, contrastive_unlearn_loss
 from deepcut_fast.testing import synthetic_batch
+from deepcut_fast.unlearning.data import CORPORA
 from deepcut_fast.unlearning.demo import SCENARIOS, DemoOptions
 from deepcut_fast.unlearning.model import EMBEDDINGS
+from deepcut_fast.unlearning.calibration import REQUEST_SETTINGS, REQUESTS
 from deepcut_fast.unlearning.unlearner import CHECKPOINT_EVERY, PRECISIONS, ConfigError, UnlearnConfig
 
 DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
@@ -67,10 +69,10 @@ def demo(args):
     from dataclasses import replace
     from pathlib import Path
 
-    from deepcut_fast.unlearning.demo import markdown_table, run_demo, scenario_config
+    from deepcut_fast.unlearning.demo import default_config, markdown_table, run_demo
 
-    tuned = scenario_config(args.scenario, args.max_length, args.seed)
-    opts = DemoOptions(scenario=args.scenario, forget_class=args.forget_class, seed=args.seed,
+    tuned = default_config(args.scenario, args.max_length, args.seed)
+    opts = DemoOptions(scenario=args.scenario, corpus=args.corpus, forget_class=args.forget_class, seed=args.seed,
                        train_epochs=args.train_epochs, max_length=args.max_length,
                        unlearn=replace(tuned, **_given(args, DEMO_TUNABLE)), quick=args.quick)
     out = Path(args.out)
@@ -97,19 +99,25 @@ def unlearn(args):
     try:
         config = UnlearnConfig(**settings)
     except ConfigError as err:  # name the options, not the fields
-        message = re.sub(r"\b[a-z_]+\b", lambda m: CONFIG_OPTIONS.get(m.group(), (m.group(),))[0], str(err))
+        message = re.sub(r"\b[a-z_]+\b", lambda m: CONFIG_OPTIONS.get(m.group(), (m.group(),))[0],
+                         str(err)).replace("--no-calibrate=False", "--no-calibrate")
         raise ValueError(message) from None
     if args.checkpoint_every < 1:
         raise ValueError(f"--checkpoint-every must be >= 1, got {args.checkpoint_every}")
     spec, columns = _data_options(args)
     report = run_unlearn_job(args.model, args.data, args.out, config, spec, test_path=args.test, columns=columns,
                              checkpoint_every=args.checkpoint_every, task=args.task, restart=args.restart,
-                             device=args.device, merge=args.merge)
+                             device=args.device, merge=args.merge, heldout_path=args.heldout)
     if report is None:  # a rank other than 0 of a distributed run
         return 0
     forget_acc = report["metrics"]["forget"]["accuracy"]
     print(f"unlearned {report['sizes']['forget']} samples in {len(report['history'])} steps; "
           f"forget accuracy {100 * forget_acc:.1f}%; wrote {args.out}/model and {args.out}/report.json")
+    calibration = report.get("calibration")
+    if calibration:
+        verdict = "met" if calibration["met"] else "not met" if calibration["measured"] else "not measured"
+        print(f"request: {calibration['request']}; target {verdict} ({calibration['aim']}); "
+              f"stopped: {calibration['stopped_because']}")
     return 0
 
 
@@ -137,6 +145,15 @@ def evaluate(args):
 # UnlearnConfig fields that `unlearn` exposes: field -> (flag, type or choices, help). Defaults
 # are the config's own (shown in --help); an option left out keeps it.
 CONFIG_OPTIONS = {
+    "request": ("--request", REQUESTS, "what the forget set is; auto: a class when one has no retain sample left, "
+                "else samples (mislabelled ones cannot be told from the data: say --request mislabelled)"),
+    "calibrate": ("--no-calibrate", False, "turn off the calibrated target, guard and budget: run --steps, or "
+                  "until --stop-forget-accuracy"),
+    "budget": ("--budget", float, "calibrated runs: time limit, in epochs of retraining on the retain set"),
+    "guard_accuracy_drop": ("--guard-accuracy-drop", float,
+                            "calibrated runs: most held-out accuracy may fall before a step is undone"),
+    "guard_recall_drop": ("--guard-recall-drop", float,
+                          "calibrated runs: most any class's held-out recall may fall before a step is undone"),
     "steps": ("--steps", int, "most unlearning steps"),
     "gamma": ("--gamma", float, "weight of the contrastive loss against the retain cross-entropy"),
     "temperature": ("--temperature", float, "temperature of the contrastive loss"),
@@ -171,7 +188,7 @@ def _add_config_options(parser, options, default_text):
     """One option per UnlearnConfig field in ``options``; it stays None unless given."""
     for name, (flag, kind, text) in options.items():
         typed = dict(choices=kind) if isinstance(kind, tuple) else dict(action="store_true") if kind is bool \
-            else dict(type=kind)
+            else dict(action="store_const", const=False) if kind is False else dict(type=kind)
         parser.add_argument(flag, **typed, default=None, help=f"{text} (default: {default_text(name)})")
 
 
@@ -182,7 +199,13 @@ def _given(args, options):
 
 
 def _config_default(name):
+    if name == "calibrate":
+        return "calibrated"
     value = getattr(UnlearnConfig, name)
+    if value is None and name in REQUEST_SETTINGS["sample"]:
+        return "per request: " + ", ".join(f"{kind} {settings[name]}" for kind, settings in REQUEST_SETTINGS.items())
+    if value is None and name == "steps":
+        return "calibrated runs: as many as the budget allows"
     return "off" if value is None else value
 
 
@@ -192,7 +215,8 @@ def _demo_default(name):
 
 def _add_data_arguments(parser):
     parser.add_argument("--data", required=True, help="training data (.csv or .jsonl; token task: .jsonl)")
-    parser.add_argument("--test", default=None, help="held-out data for the membership-inference figures")
+    parser.add_argument("--test", default=None, help="held-out data: the membership-inference figures, and the "
+                        "calibrated target and guard unless --heldout is given")
     parser.add_argument("--task", choices=["sequence", "token"], default="sequence",
                         help="sequence classification, or token classification (word and tag lists)")
     parser.add_argument("--text-column", default="text")
@@ -220,14 +244,17 @@ def build_parser():
     sub = parser.add_subparsers(dest="command", required=True, parser_class=OneLineParser)
     d = sub.add_parser("demo", parents=[common], help="offline DeepCUT demo on BBC News with MiniLM-L6")
     d.add_argument("--scenario", choices=SCENARIOS, default=_demo_default("scenario"))
-    d.add_argument("--forget-class", default=_demo_default("forget_class"), help="class scenario: the class to forget")
+    d.add_argument("--corpus", choices=sorted(CORPORA), default=_demo_default("corpus"),
+                   help="the embedded data set (default: %(default)s)")
+    d.add_argument("--forget-class", default=_demo_default("forget_class"),
+                   help="class scenario: the class to forget (default: the smallest class)")
     d.add_argument("--seed", type=int, default=_demo_default("seed"))
     d.add_argument("--out", default="runs/demo", help="output folder")
     d.add_argument("--cache", default=None, help="folder of the cached trained models (default <out>/cache)")
     d.add_argument("--train-epochs", type=float, default=_demo_default("train_epochs"),
                    help="epochs of the original and retraining")
     d.add_argument("--max-length", type=int, default=_demo_default("max_length"), help="tokens per document")
-    _add_config_options(d, DEMO_TUNABLE, lambda name: "the scenario's tuned setting")
+    _add_config_options(d, DEMO_TUNABLE, _config_default)
     d.add_argument("--quick", action="store_true", help="300 documents and a few steps: a smoke test")
     d.set_defaults(func=demo)
     u = sub.add_parser("unlearn", parents=[common], help="DeepCUT on your fine-tuned model and data")
@@ -235,6 +262,10 @@ def build_parser():
     u.add_argument("--out", required=True, help="output folder; rerun with the same one to resume")
     _add_data_arguments(u)
     _add_config_options(u, CONFIG_OPTIONS, _config_default)
+    u.add_argument("--heldout", default=None, help="held-out data that sets the calibrated target and guard "
+                   "(default: the --test file)")
+    u.add_argument("--mislabelled", dest="request", action="store_const", const="mislabelled",
+                   help="the forget set is mislabelled (noisy or poisoned) samples: same as --request mislabelled")
     u.add_argument("--checkpoint-every", type=int, default=CHECKPOINT_EVERY,
                    help=f"steps between checkpoints (default: {CHECKPOINT_EVERY})")
     u.add_argument("--restart", action="store_true",

@@ -31,3 +31,21 @@ def available_fused_backends():
         reason = available_backends(backend_device(b))[b]
         params.append(pytest.param(b, marks=pytest.mark.skipif(reason is not None, reason=str(reason))))
     return params
+
+
+@pytest.fixture(scope="session")
+def tok():
+    """The real MiniLM tokenizer (offline)."""
+    from tiny_models import tokenizer
+
+    return tokenizer()
+
+
+@pytest.fixture(scope="session")
+def original(tok):
+    """The toy corpus and the state of a tiny BERT fine-tuned until it memorised it."""
+    from tiny_models import fine_tune, tiny_bert, toy_corpus
+
+    data = toy_corpus()
+    model = fine_tune(tiny_bert(data.label_names, tok.vocab_size), tok, data)
+    return data, model.state_dict()

@@ -21,23 +21,57 @@ def setup():
 @pytest.mark.parametrize("name", sorted(baselines.METHODS))
 def test_same_signature_and_budget(setup, name):
     tok, _, model, forget, retain = setup
-    cfg = UnlearnConfig(steps=4, learning_rate=1e-3)
+    cfg = UnlearnConfig(calibrate=False, steps=4, learning_rate=1e-3)
     result = baselines.METHODS[name](copy.deepcopy(model), tok, forget, retain, cfg, progress=False)
     assert len(result.history) == (0 if name == "original" else 4)
     assert not result.model.training
 
 
-@pytest.mark.parametrize("name", ["gradient_ascent", "gradient_difference", "random_relabel"])
+@pytest.mark.parametrize("name", ["gradient_ascent", "gradient_difference", "random_relabel", "scrub", "salun",
+                                  "npo"])
 def test_forget_accuracy_falls(setup, name):
     tok, _, model, forget, retain = setup
     result = baselines.METHODS[name](copy.deepcopy(model), tok, forget, retain,
-                                     UnlearnConfig(steps=15, learning_rate=2e-3), progress=False)
+                                     UnlearnConfig(calibrate=False, steps=15, learning_rate=2e-3), progress=False)
     assert accuracy(result.model, tok, forget) < 0.5
 
 
 def test_retrain_learns_the_retain_set_only(setup):
     tok, data, _, forget, retain = setup
     base = tiny_bert(data.label_names, tok.vocab_size, seed=1)
-    result = baselines.retrain(base, tok, forget, retain, UnlearnConfig(steps=60, learning_rate=2e-3), progress=False)
+    result = baselines.retrain(base, tok, forget, retain, UnlearnConfig(calibrate=False, steps=60, learning_rate=2e-3),
+                               progress=False)
     assert accuracy(result.model, tok, retain) >= 0.95
     assert accuracy(result.model, tok, forget) == 0.0  # never saw the class
+
+
+def test_npo_starts_at_its_bound_and_scrub_alternates(setup):
+    """NPO's first step compares the model with itself: margin 0, loss (2 / beta) log 2; SCRUB's
+    odd steps ascend the forget KL (0 at the start: student = teacher), even steps descend CE."""
+    import math
+
+    tok, _, model, forget, retain = setup
+    cfg = UnlearnConfig(calibrate=False, steps=4, learning_rate=1e-3)
+    npo = baselines.npo(copy.deepcopy(model), tok, forget, retain, cfg, progress=False)
+    # dropout makes the student differ slightly from its eval-mode reference
+    assert npo.history[0]["npo"] == pytest.approx(2 / baselines.NPO_BETA * math.log(2), rel=1e-3)
+    scrub = baselines.scrub(copy.deepcopy(model), tok, forget, retain, cfg, progress=False)
+    max_steps, min_steps = scrub.history[0::2], scrub.history[1::2]
+    assert all("forget_kl" in r and "ce" not in r for r in max_steps)
+    assert all("ce" in r and "retain_kl" in r for r in min_steps)
+    assert max_steps[1]["forget_kl"] > max_steps[0]["forget_kl"]  # the max step drives it up
+
+
+def test_salun_moves_only_the_salient_weights(setup):
+    tok, _, model, forget, retain = setup
+    cfg = UnlearnConfig(calibrate=False, steps=5, learning_rate=1e-3)
+    masks = baselines.saliency_mask(copy.deepcopy(model), tok, forget, cfg)
+    share = sum(int(m.sum()) for m in masks.values()) / sum(m.numel() for m in masks.values())
+    assert 0 < share <= baselines.SALUN_SHARE + 0.01  # the toy vocabulary is mostly unused: few salient
+    before = {n: p.detach().clone() for n, p in model.named_parameters()}
+    after = dict(baselines.salun(copy.deepcopy(model), tok, forget, retain, cfg, progress=False).model.named_parameters())
+    for name, mask in masks.items():
+        moved = (after[name].detach() - before[name]).abs()
+        # outside the mask only AdamW's weight decay acts: |w| * lr * 0.01 per step
+        assert (moved[~mask] <= 5 * 1e-3 * 0.01 * before[name].abs()[~mask] + 1e-7).all(), name
+    assert any((after[n].detach() - before[n])[m].abs().max() > 1e-4 for n, m in masks.items() if m.any())

@@ -32,7 +32,7 @@ def saved(tmp_path_factory):
 
 def unlearn_args(saved, out, **changes):
     args = dict(model=saved / "model", data=saved / "train.csv", id_column="id", forget_ids=saved / "forget.txt",
-                out=out, steps="2", max_length="32")
+                out=out, steps="2", max_length="32", no_calibrate=True)  # fixed steps: the mechanics under test
     args.update(changes)
     flat = []
     for key, value in args.items():
@@ -64,6 +64,10 @@ BAD_UNLEARN = [  # (changes to a good unlearn command, what the one line must sa
     (dict(views="0"), "--views must be >= 1, got 0"),
     (dict(stop_forget_accuracy="5"), "--stop-forget-accuracy must be a fraction between 0 and 1, got 5.0"),
     (dict(stop_retain_drop="0.01"), "--stop-retain-drop needs --stop-forget-accuracy"),
+    (dict(stop_forget_accuracy="0.1", no_calibrate=None),
+     "--stop-forget-accuracy is the fixed stopping rule of a run without calibration (--no-calibrate)"),
+    (dict(budget="0"), "--budget must be a finite number > 0, got 0.0"),
+    (dict(guard_accuracy_drop="1.5"), "--guard-accuracy-drop must be a fraction between 0 and 1, got 1.5"),
     (dict(forget_batch_size="0"), "--forget-batch-size must be >= 1, got 0"),
     (dict(checkpoint_every="0"), "--checkpoint-every must be >= 1, got 0"),
     (dict(layer="9"), "layer 9 is out of range"),

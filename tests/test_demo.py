@@ -50,7 +50,7 @@ def test_cache_names_follow_the_training_data():
     names = {}
     for forget_class in ("tech", "sports"):
         opts = DemoOptions(forget_class=forget_class, quick=True)
-        train, _, chosen, _ = prepare_data(opts)
+        train, _, _, chosen, _ = prepare_data(opts)
         retain = train.partition(chosen)[1]
         names[forget_class] = (cache_name(opts, "original", 0, train), cache_name(opts, "retrain", 0, retain))
     assert names["tech"][0] == names["sports"][0]
@@ -67,12 +67,12 @@ def test_unknown_scenario():
 
 def test_seeds_vary_training_not_the_forget_set():
     first, second = (prepare_data(DemoOptions(scenario="noisy", seed=seed, quick=True)) for seed in (0, 1))
-    assert first[2] == second[2] and first[0].labels == second[0].labels
-    train, _, chosen, notes = first
+    assert first[3] == second[3] and first[0].labels == second[0].labels
+    train, _, _, chosen, notes = first
     relabelled = [train.labels[i] for i in chosen]
     assert all(wrong != notes["true_labels"][train.ids[i]] for i, wrong in zip(chosen, relabelled))
     other_data_seed = prepare_data(DemoOptions(scenario="noisy", data_seed=1, quick=True))
-    assert other_data_seed[2] != first[2]
+    assert other_data_seed[3] != first[3]
 
 
 def test_dropout_off_is_restored():

@@ -33,7 +33,7 @@ def test_unlearn_cli_under_torchrun(tmp_path):
 
     save_toy_job(tmp_path)
     run = torchrun("-m", "deepcut_fast.cli", "unlearn", "--model", tmp_path / "model", "--data", tmp_path / "train.csv",
-                   "--forget-class", "tech", "--out", tmp_path / "out", "--steps", "20", "--lr", "2e-3",
+                   "--forget-class", "tech", "--out", tmp_path / "out", "--steps", "20", "--no-calibrate", "--lr", "2e-3",
                    "--max-length", "32", "--chunk-size", "8", "--queue-size", "64")
     assert run.returncode == 0, run.stdout[-3000:] + run.stderr[-3000:]
     report = json.loads((tmp_path / "out" / "report.json").read_text())

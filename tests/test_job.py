@@ -18,10 +18,15 @@ def run(saved, out, *extra):
 
 
 def test_unlearn_class_writes_model_and_report(saved, tmp_path):
-    assert run(saved, tmp_path / "out", "--forget-class", "tech", "--steps", "20") == 0
+    # calibrated (the default): a whole class is found to be one, and the run stops once it is gone
+    assert run(saved, tmp_path / "out", "--forget-class", "tech", "--steps", "20", "--budget", "1000") == 0
     report = json.loads((tmp_path / "out" / "report.json").read_text())
-    assert report["sizes"] == {"forget": 24, "retain": 48} and len(report["history"]) == 20
-    assert report["metrics"]["forget"]["accuracy"] <= 0.1 and report["metrics"]["retain"]["accuracy"] >= 0.95
+    calibration = report["calibration"]
+    assert (calibration["request"], calibration["met"], calibration["stopped_because"]) == ("class", True, "target met")
+    assert calibration["guard_on"] == "retain sample (no held-out data)"
+    assert report["sizes"] == {"forget": 24, "retain": 48} and len(report["history"]) < 20
+    assert report["config"]["learning_rate"] == 2e-3 and report["config"]["views"] == 1  # given; the class's
+    assert report["metrics"]["forget"]["accuracy"] <= 0.02 and report["metrics"]["retain"]["accuracy"] >= 0.95
     assert (tmp_path / "out" / "model" / "config.json").exists()
     assert not (tmp_path / "out" / "checkpoint.pt").exists()
 
@@ -30,9 +35,10 @@ def test_rerun_after_interruption_resumes(saved, tmp_path):
     ids = tmp_path / "forget.txt"
     ids.write_text("business-0\nbusiness-1\nsport-3\n")
     with interrupted_at(4):
-        assert run(saved, tmp_path / "out", "--forget-ids", str(ids), "--steps", "6", "--checkpoint-every", "2") == 130
+        assert run(saved, tmp_path / "out", "--forget-ids", str(ids), "--steps", "6", "--no-calibrate",
+                   "--checkpoint-every", "2") == 130
     assert (tmp_path / "out" / "checkpoint.pt").exists() and not (tmp_path / "out" / "model").exists()
-    run(saved, tmp_path / "out", "--forget-ids", str(ids), "--steps", "6", "--checkpoint-every", "2")
+    run(saved, tmp_path / "out", "--forget-ids", str(ids), "--steps", "6", "--no-calibrate", "--checkpoint-every", "2")
     report = json.loads((tmp_path / "out" / "report.json").read_text())
     assert report["resumed_from_step"] == 2 and [r["step"] for r in report["history"]] == list(range(1, 7))
 
@@ -51,7 +57,7 @@ def evaluate_cli(saved, model, out, *extra):
 
 
 def test_evaluate_against_a_reference(saved, tmp_path):
-    run(saved, tmp_path / "unlearned", "--forget-class", "tech", "--steps", "20")
+    run(saved, tmp_path / "unlearned", "--forget-class", "tech", "--steps", "20", "--no-calibrate")
     test_csv = saved / "train.csv"  # only the figures' plumbing is under test here, not their meaning
     assert evaluate_cli(saved, saved / "model", tmp_path / "self.json", "--test", str(test_csv),
                         "--reference", str(saved / "model")) == 0
@@ -84,7 +90,7 @@ def test_unlearn_token_task_from_jsonl(tmp_path):
     (tmp_path / "ner.jsonl").write_text("\n".join(json.dumps(r) for r in rows))
     assert main(["unlearn", "--task", "token", "--model", str(tmp_path / "model"), "--data", str(tmp_path / "ner.jsonl"),
                  "--test", str(tmp_path / "ner.jsonl"), "--id-column", "id", "--forget-column", "forget",
-                 "--out", str(tmp_path / "out"), "--steps", "3", "--max-length", "32"]) == 0
+                 "--out", str(tmp_path / "out"), "--steps", "3", "--no-calibrate", "--max-length", "32"]) == 0
     report = json.loads((tmp_path / "out" / "report.json").read_text())
     assert report["embedding"] == "token" and report["sizes"] == {"forget": 4, "retain": 20}
     assert set(report["metrics"]["forget"]["recall"]) <= {"PER", "LOC"}

@@ -71,7 +71,7 @@ def test_deepcut_forgets_a_class_of_a_decoder_classifier(tok, data, kind):
     model = fine_tune(tiny_decoder(kind, data.label_names, tok.vocab_size, tok.pad_token_id), tok, data, steps=80)
     forget, retain = data.partition(forget_indices(data, forget_class="tech"))
     assert accuracy(model, tok, forget, 32) >= 0.9
-    cfg = UnlearnConfig(steps=20, learning_rate=2e-3, max_length=32, backend="reference")  # embedding auto: last
+    cfg = UnlearnConfig(calibrate=False, steps=20, learning_rate=2e-3, max_length=32, backend="reference")  # embedding auto: last
     DeepCUTUnlearner(model, tok, cfg).unlearn(forget, retain, progress=False)
     assert accuracy(model, tok, forget, 32) <= 0.2 and accuracy(model, tok, retain, 32) >= 0.9
 
@@ -80,7 +80,7 @@ def test_unlearn_command_on_a_decoder_classifier(tok, data, tmp_path):
     model = fine_tune(tiny_decoder("gpt2", data.label_names, tok.vocab_size, tok.pad_token_id), tok, data, steps=80)
     save(model, tok, tmp_path / "gpt2")
     assert main(["unlearn", "--model", str(tmp_path / "gpt2"), "--data", str(write_csv(data, tmp_path / "t.csv")),
-                 "--forget-class", "tech", "--out", str(tmp_path / "out"), "--steps", "20", "--lr", "2e-3",
+                 "--forget-class", "tech", "--out", str(tmp_path / "out"), "--steps", "20", "--no-calibrate", "--lr", "2e-3",
                  "--max-length", "32"]) == 0
     report = json.loads((tmp_path / "out" / "report.json").read_text())
     assert report["embedding"] == "last" and report["metrics"]["forget"]["accuracy"] <= 0.2
@@ -116,7 +116,7 @@ def test_deepcut_on_an_adapter_trains_only_the_adapter(tok, data, adapter):
     trainable = {name for name, p in model.named_parameters() if p.requires_grad}
     assert trainable and all("lora_" in n or "modules_to_save" in n for n in trainable)
     forget, retain = data.partition(forget_indices(data, forget_class="tech"))
-    DeepCUTUnlearner(model, tokenizer_, UnlearnConfig(steps=20, learning_rate=5e-3, max_length=32,
+    DeepCUTUnlearner(model, tokenizer_, UnlearnConfig(calibrate=False, steps=20, learning_rate=5e-3, max_length=32,
                                                       backend="reference")).unlearn(forget, retain, progress=False)
     for name, p in model.named_parameters():
         assert torch.equal(p, before[name]) != (name in trainable or "lora_B" in name), name
@@ -131,7 +131,7 @@ def test_deepcut_on_an_adapter_trains_only_the_adapter(tok, data, adapter):
 def test_unlearn_command_saves_an_adapter_that_reloads_and_predicts_the_same(tok, data, adapter, tmp_path):
     csv_path = write_csv(data, tmp_path / "train.csv")
     common = ["--data", str(csv_path), "--id-column", "id", "--forget-class", "tech", "--steps", "10",
-              "--lr", "5e-3", "--max-length", "32"]
+              "--lr", "5e-3", "--max-length", "32", "--no-calibrate"]
     assert main(["unlearn", "--model", str(adapter / "adapter"), "--out", str(tmp_path / "out")] + common) == 0
     saved = tmp_path / "out" / "model"
     assert (saved / "adapter_config.json").exists() and not (saved / "config.json").exists()
@@ -161,7 +161,8 @@ def test_baselines_train_only_the_adapter(tok, data, adapter):
     model, tokenizer_ = load_classifier(adapter / "adapter", data.label_names)
     frozen = {n: p.detach().clone() for n, p in model.named_parameters() if not p.requires_grad}
     forget, retain = data.partition(forget_indices(data, forget_class="tech"))
-    baselines.random_relabel(model, tokenizer_, forget, retain, UnlearnConfig(steps=3, max_length=32), progress=False)
+    baselines.random_relabel(model, tokenizer_, forget, retain, UnlearnConfig(calibrate=False, steps=3, learning_rate=1e-3,
+                                                                                      max_length=32), progress=False)
     assert all(torch.equal(p, frozen[n]) for n, p in model.named_parameters() if n in frozen)
 
 
@@ -200,7 +201,7 @@ def test_gradient_checkpointing_gives_the_same_gradients(tok, data):
 def test_mixed_precision_and_checkpointing_unlearn(tok, data, precision):
     model = fine_tune(tiny_bert(data.label_names, tok.vocab_size), tok, data)
     forget, retain = data.partition(forget_indices(data, forget_class="tech"))
-    cfg = UnlearnConfig(steps=20, learning_rate=2e-3, max_length=32, precision=precision, gradient_checkpointing=True)
+    cfg = UnlearnConfig(calibrate=False, steps=20, learning_rate=2e-3, max_length=32, precision=precision, gradient_checkpointing=True)
     result = DeepCUTUnlearner(model, tok, cfg).unlearn(forget, retain, progress=False)
     assert all(torch.isfinite(torch.tensor(r["loss"])) for r in result.history)
     assert accuracy(model, tok, forget, 32) <= 0.2 and accuracy(model, tok, retain, 32) >= 0.9

@@ -7,20 +7,7 @@ from deepcut_fast import contrastive_unlearn_loss_reference as reference
 from deepcut_fast.unlearning.data import forget_indices
 from deepcut_fast.unlearning.model import embed
 from deepcut_fast.unlearning.unlearner import DeepCUTUnlearner, UnlearnConfig, deepcut_loss
-from tiny_models import fine_tune, tiny_bert, tokenizer, toy_corpus
-
-
-@pytest.fixture(scope="module")
-def tok():
-    return tokenizer()
-
-
-@pytest.fixture(scope="module")
-def original(tok):
-    """The toy corpus and a tiny BERT fine-tuned until it memorised it."""
-    data = toy_corpus()
-    model = fine_tune(tiny_bert(data.label_names, tok.vocab_size), tok, data)
-    return data, model.state_dict()
+from tiny_models import tiny_bert, toy_corpus  # fixtures tok, original: conftest
 
 
 def batch(tok, data, n=10):
@@ -75,7 +62,7 @@ def test_class_unlearning_comes_from_the_contrastive_term(tok, original, gamma, 
     model = tiny_bert(data.label_names, tok.vocab_size)
     model.load_state_dict(state)
     forget, retain = data.partition(forget_indices(data, forget_class="tech"))
-    unlearner = DeepCUTUnlearner(model, tok, UnlearnConfig(steps=20, learning_rate=2e-3, gamma=gamma))
+    unlearner = DeepCUTUnlearner(model, tok, UnlearnConfig(calibrate=False, steps=20, learning_rate=2e-3, gamma=gamma))
     assert unlearner.accuracy(forget) == 1.0
     result = unlearner.unlearn(forget, retain, progress=False)
     assert len(result.history) == 20 and not result.stopped_early
@@ -91,7 +78,7 @@ def test_stopping_rule_ends_the_run_early(tok, original):
     model = tiny_bert(data.label_names, tok.vocab_size)
     model.load_state_dict(state)
     forget, retain = data.partition(forget_indices(data, forget_class="sport"))
-    cfg = UnlearnConfig(steps=60, learning_rate=2e-3, stop_forget_accuracy=0.2, check_every=2)
+    cfg = UnlearnConfig(calibrate=False, steps=60, learning_rate=2e-3, stop_forget_accuracy=0.2, check_every=2)
     result = DeepCUTUnlearner(model, tok, cfg).unlearn(forget, retain, progress=False)
     assert result.stopped_early and len(result.history) < 60
     assert result.history[-1]["forget_accuracy"] <= 0.2
@@ -114,7 +101,7 @@ def test_stopping_rule_waits_for_the_retain_samples(tok, original, monkeypatch):
     def run(drop):
         model = tiny_bert(data.label_names, tok.vocab_size)
         model.load_state_dict(state)
-        cfg = UnlearnConfig(steps=12, learning_rate=2e-3, stop_forget_accuracy=0.2, stop_retain_drop=drop,
+        cfg = UnlearnConfig(calibrate=False, steps=12, learning_rate=2e-3, stop_forget_accuracy=0.2, stop_retain_drop=drop,
                             check_every=2)
         return DeepCUTUnlearner(model, tok, cfg).unlearn(forget, retain, progress=False)
 
@@ -133,7 +120,11 @@ def test_stopping_rule_waits_for_the_retain_samples(tok, original, monkeypatch):
     (dict(embedding="max"), "embedding must be one of"),
     (dict(views=0), "views must be >= 1"),
     (dict(forget_pull="min"), "forget_pull must be one of"),
-    (dict(steps=None, epochs=None), "give steps or epochs"),
+    (dict(steps=None, epochs=None, calibrate=False), "give steps or epochs"),
+    (dict(stop_forget_accuracy=0.1), "fixed stopping rule of a run without calibration"),
+    (dict(request="everything"), "request must be one of"),
+    (dict(budget=0), "budget must be a finite number > 0"),
+    (dict(guard_recall_drop=2), "guard_recall_drop must be a fraction between 0 and 1"),
     (dict(forget_batch_size=0), "forget_batch_size must be >= 1"),
     (dict(stop_retain_drop=0.01), "stop_retain_drop needs stop_forget_accuracy"),
 ])
@@ -143,7 +134,7 @@ def test_bad_config(changes, message):
 
 
 def test_epochs_give_steps():
-    assert UnlearnConfig(steps=None, epochs=2, forget_batch_size=16).total_steps(170) == 22
+    assert UnlearnConfig(calibrate=False, steps=None, epochs=2, forget_batch_size=16).total_steps(170, 1000) == 22
 
 
 def test_layer_out_of_range(tok):
@@ -162,7 +153,7 @@ def test_interrupted_run_resumes_to_the_same_model(tok, original, tmp_path, monk
     forget, retain = data.partition(forget_indices(data, forget_class="tech"))
     # a stopping rule that checks both samples at every step and never fires: its starting
     # retain accuracy must come back from the checkpoint
-    cfg = UnlearnConfig(steps=6, learning_rate=2e-3, stop_forget_accuracy=1.0, stop_retain_drop=-1.0, check_every=1)
+    cfg = UnlearnConfig(calibrate=False, steps=6, learning_rate=2e-3, stop_forget_accuracy=1.0, stop_retain_drop=-1.0, check_every=1)
 
     def fresh():
         model = tiny_bert(data.label_names, tok.vocab_size)

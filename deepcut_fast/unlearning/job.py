@@ -28,6 +28,7 @@ import torch
 import torch.distributed as dist
 
 from deepcut_fast.unlearning.evaluation import classification_metrics, evaluate, gap_to, headline, predict
+from deepcut_fast.unlearning.calibration import request_kind
 from deepcut_fast.unlearning.data import forget_indices, load_table, load_token_table
 from deepcut_fast.unlearning.files import atomic_write_json, claimed_folder, save_model_atomically
 from deepcut_fast.unlearning.model import (adapter_base_path, is_adapter, load_classifier, resolve_embedding,
@@ -162,16 +163,21 @@ def _previous_result(out: Path, fingerprint: dict):
 
 def run_unlearn_job(model_dir, data_path, out, config: UnlearnConfig, forget_spec: dict, test_path=None,
                     columns=None, checkpoint_every=CHECKPOINT_EVERY, progress=True, task="sequence",
-                    restart=False, device=None, merge=False):
+                    restart=False, device=None, merge=False, heldout_path=None):
     """Unlearn ``forget_spec`` (forget_indices' keywords) from the model in ``model_dir`` (a full
     model, or a PEFT adapter: saved as an adapter again, or merged into a full model with
     ``merge``) on ``device`` (default: the GPU when there is one). Under torchrun / accelerate
     launch every rank trains (DDP) and rank 0 writes the outputs. A rerun of a finished run
-    returns its report; ``restart`` discards what ``out`` holds first."""
+    returns its report; ``restart`` discards what ``out`` holds first. A calibrated run sets its
+    target and guard on ``heldout_path`` (default: the test file, ``test_path``)."""
     out = Path(out)
     label_names, train, forget, retain, test = _sets(model_dir, data_path, forget_spec, task, columns, test_path,
                                                      config.layer)
+    heldout = test if heldout_path is None else load_data(heldout_path, label_names, task, columns, keep_ids=False)
+    config = config.for_request(request_kind(config.request, forget, retain))  # settings as the run takes them
     fingerprint = run_fingerprint(model_dir, train, forget, config, task, merge)
+    if heldout is not None:
+        fingerprint["heldout"] = _digest(heldout.texts, heldout.labels)
     writer = int(os.environ.get("RANK", "0")) == 0  # the rank that writes (known before joining the group)
     with claimed_folder(out) if writer else contextlib.nullcontext(out):
         checkpoint = Checkpoint(out / "checkpoint.pt", every=checkpoint_every, fingerprint=fingerprint)
@@ -192,14 +198,15 @@ def run_unlearn_job(model_dir, data_path, out, config: UnlearnConfig, forget_spe
             world = dist.get_world_size() if dist.is_initialized() else 1
             start = time.perf_counter()
             result = DeepCUTUnlearner(model.to(device), tokenizer, config).unlearn(forget, retain, progress=progress,
-                                                                                   checkpoint=checkpoint)
+                                                                                   checkpoint=checkpoint,
+                                                                                   heldout=heldout)
             seconds = time.perf_counter() - start
         if rank > 0:  # the model is the same on every rank: rank 0 evaluates and writes
             return None
         metrics = _metrics(model, tokenizer, forget, retain, test, label_names, config.max_length)
         save_model_atomically(lambda folder: save_trained(result.model, tokenizer, folder, merge), out / "model")
         new_steps = [r["seconds"] for r in result.history[resumed_from:]]
-        report = dict(config=asdict(config), embedding=resolve_embedding(config.embedding, model, forget.token_level),
+        report = dict(config=asdict(result.config), calibration=result.calibration, embedding=resolve_embedding(config.embedding, model, forget.token_level),
                       sizes=dict(forget=len(forget), retain=len(retain)), seconds=seconds, processes=world,
                       device=str(device), seconds_per_step=sum(new_steps) / max(1, len(new_steps)),
                       peak_memory_bytes=result.peak_memory_bytes, adapter=is_adapter(model_dir), merged=merge,

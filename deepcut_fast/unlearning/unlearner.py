@@ -8,7 +8,7 @@ Token classification uses token embeddings as anchors, with -100 labels ignored.
 import contextlib
 import math
 import time
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Optional
 
@@ -19,6 +19,8 @@ import torch.nn.functional as F
 from deepcut_fast.unlearning.evaluation import classification_metrics, predict
 from deepcut_fast.loss import BACKENDS, FORGET_PULLS, contrastive_unlearn_loss
 from deepcut_fast.queue import RetainQueue
+from deepcut_fast.unlearning.calibration import (REQUEST_SETTINGS, REQUESTS, Calibrator, fixed_sample,
+                                                  probe_seconds, request_kind, steps_per_epoch)
 from deepcut_fast.unlearning.data import TextDataset
 from deepcut_fast.unlearning.files import atomic_write, fault_point
 from deepcut_fast.unlearning.model import EMBEDDINGS, embed, encode_labelled, resolve_embedding, set_activation_checkpointing
@@ -43,31 +45,45 @@ class ConfigError(ValueError):
 
 @dataclass
 class UnlearnConfig:
-    """Options of a DeepCUT run. ``steps`` wins over ``epochs`` (passes over the forget set)."""
-    gamma: float = 1.0
+    """Options of a DeepCUT run.
+
+    By default the run calibrates itself (``calibrate``, docs in ``calibration``): it finds what
+    the request is (``request``: "auto", or "class" / "sample" / "mislabelled"), takes that
+    request's settings for ``gamma``, ``views`` and ``learning_rate`` where they are None, and
+    runs until the forget set looks as it would to a retrained model, under a utility guard and
+    a time budget of ``budget`` retraining epochs; ``steps`` (or ``epochs``) then only caps it.
+    With ``calibrate=False`` it runs ``steps`` (``epochs``: passes over the forget set), or
+    until the fixed stopping rule below fires."""
+    gamma: Optional[float] = None  # None: the request's setting (calibration.REQUEST_SETTINGS)
     temperature: float = 0.5
-    views: int = 2
+    views: Optional[int] = None
     forget_pull: str = "logsumexp"
     forget_weight: float = 1.0
     retain_weight: float = 1.0
     embedding: str = "auto"  # "auto": token for token data, last for decoder-only models, else cls
     layer: int = -1
-    learning_rate: float = 5e-5
-    steps: Optional[int] = 10
+    learning_rate: Optional[float] = None
+    steps: Optional[int] = None
     epochs: Optional[float] = None
     forget_batch_size: int = 16
     retain_batch_size: int = 32
     max_length: int = 96
-    # stopping rule: stop once accuracy on the forget set (its training labels) is at most this,
-    # checked every `check_every` steps (e.g. 0.02 for class unlearning); None: run all steps.
-    # The check predicts a fixed random sample of at most `stop_sample` forget samples (None: all).
+    request: str = "auto"
+    calibrate: bool = True
+    budget: float = 0.5  # calibrated runs: time limit, in epochs of retraining on the retain set
+    guard_accuracy_drop: float = 0.01  # calibrated runs: the utility guard (calibration module)
+    guard_recall_drop: float = 0.05
+    heldout_sample: Optional[int] = 256  # held-out (or retain) rows each check predicts
+    # fixed stopping rule (calibrate=False): stop once accuracy on the forget set (its training
+    # labels) is at most this, checked every `check_every` steps; None: run all steps.
     # With `stop_retain_drop`, the run also waits until accuracy on a fixed sample of as many
     # retain samples is at most this far below its value before the first step (the contrast
     # pushes retain samples too; CE needs a few steps to repair them); a negative value waits
-    # for it to rise that far above its start.
+    # for it to rise that far above its start. Checks predict a fixed random sample of at most
+    # `stop_sample` forget samples (None: all); calibrated runs check as often, on as many.
     stop_forget_accuracy: Optional[float] = None
     stop_retain_drop: Optional[float] = None
-    check_every: int = 5
+    check_every: int = 2
     stop_sample: Optional[int] = 128
     seed: int = 0
     backend: str = "auto"
@@ -85,22 +101,25 @@ class UnlearnConfig:
             raise ConfigError(name, f"{name} {message}, got {getattr(self, name)!r}")
 
         for name, choices in (("embedding", EMBEDDINGS), ("forget_pull", FORGET_PULLS), ("backend", BACKENDS),
-                              ("precision", tuple(PRECISIONS))):
+                              ("precision", tuple(PRECISIONS)), ("request", REQUESTS)):
             if getattr(self, name) not in choices:
                 fail(name, f"must be one of {choices}")
-        if self.steps is None and self.epochs is None:
-            raise ConfigError("steps", "give steps or epochs")
+        if self.steps is None and self.epochs is None and not self.calibrate:
+            raise ConfigError("steps", "give steps or epochs: without calibration nothing else ends the run")
         for name in ("steps", "views", "forget_batch_size", "retain_batch_size", "max_length", "check_every",
-                     "stop_sample", "chunk_size"):
+                     "stop_sample", "chunk_size", "heldout_sample"):
             if getattr(self, name) is not None and getattr(self, name) < 1:
                 fail(name, "must be >= 1")
-        for name in ("epochs", "temperature", "learning_rate"):
+        for name in ("epochs", "temperature", "learning_rate", "budget"):
             value = getattr(self, name)
             if value is not None and not (0 < value < math.inf):
                 fail(name, "must be a finite number > 0")
         for name in ("gamma", "forget_weight", "retain_weight", "queue_size"):
-            if not 0 <= getattr(self, name) < math.inf:
+            if getattr(self, name) is not None and not 0 <= getattr(self, name) < math.inf:
                 fail(name, "must be a finite number >= 0")
+        for name in ("guard_accuracy_drop", "guard_recall_drop"):
+            if not 0 <= getattr(self, name) <= 1:
+                fail(name, "must be a fraction between 0 and 1")
         if self.stop_forget_accuracy is not None and not 0 <= self.stop_forget_accuracy <= 1:
             fail("stop_forget_accuracy", "must be a fraction between 0 and 1")
         if self.stop_retain_drop is not None and not -1 <= self.stop_retain_drop <= 1:  # < 0: wait for a rise
@@ -108,14 +127,26 @@ class UnlearnConfig:
         if self.precision == "fp16" and self.chunk_size is not None:
             raise ConfigError("precision", "precision fp16 needs a gradient scaler, which gradient caching "
                               "(chunk_size) does not use: take bf16")
+        if self.calibrate and self.stop_forget_accuracy is not None:
+            raise ConfigError("stop_forget_accuracy", "stop_forget_accuracy is the fixed stopping rule of a run "
+                              "without calibration (calibrate=False)")
         if self.stop_retain_drop is not None and self.stop_forget_accuracy is None:
             raise ConfigError("stop_retain_drop", "stop_retain_drop needs stop_forget_accuracy: it only delays "
                               "the stop that the forget accuracy triggers")
 
-    def total_steps(self, forget_size):
+    def for_request(self, kind):
+        """This config with the settings of request ``kind`` wherever they are None."""
+        return replace(self, **{k: v for k, v in REQUEST_SETTINGS[kind].items() if getattr(self, k) is None})
+
+    def total_steps(self, forget_size, retain_size):
+        """The run's steps (a cap when calibrating: without steps or epochs, as many as ``budget``
+        epochs of retraining take, which a DeepCUT step, costlier than a retraining step, never
+        reaches within the time budget)."""
         if self.steps is not None:
             return self.steps
-        return steps_for(self.epochs, forget_size, self.forget_batch_size)
+        if self.epochs is not None:
+            return steps_for(self.epochs, forget_size, self.forget_batch_size)
+        return max(self.check_every, steps_for(self.budget, retain_size, self.retain_batch_size))
 
 
 def _views(model, inputs, config, kind):
@@ -178,8 +209,10 @@ def deepcut_loss(model, inputs, labels, forget_mask, config: UnlearnConfig, queu
     inputs: tokenised batch (input_ids, attention_mask, ...); labels: [B] class ids, or [B, T]
     token labels with -100 on padding and special tokens; forget_mask: [B] bool.
     queue: an optional RetainQueue (extra retain candidates); process_group: contrast the
-    global batch across ranks. Returns (loss, {"ce": ..., "contrast": ...}).
+    global batch across ranks. Returns (loss, {"ce": ..., "contrast": ...}). Settings left None
+    in ``config`` take the sample-level request's values (``unlearn`` fills in the request's own).
     """
+    config = config.for_request("sample")
     kind = _embedding_kind(model, labels, config)
     z, logits = _views(model, inputs, config, kind)
     ce = _retain_ce_sum(logits, labels, forget_mask) / _retain_targets(labels, forget_mask, config.views)
@@ -203,7 +236,9 @@ def cached_deepcut_step(model, inputs, labels, forget_mask, config: UnlearnConfi
     loss and its gradient with respect to all embeddings at once, then re-run each chunk with
     autograd (same dropout masks: its RNG state is saved) and back-propagate its slice of that
     gradient together with its share of the CE. Peak activation memory follows the chunk, not
-    the batch. Leaves the gradients in the parameters; returns (detached loss, parts)."""
+    the batch. Leaves the gradients in the parameters; returns (detached loss, parts).
+    None settings as in ``deepcut_loss``."""
+    config = config.for_request("sample")
     kind = _embedding_kind(model, labels, config)
     device = labels.device
     chunks = [slice(i, i + config.chunk_size) for i in range(0, labels.shape[0], config.chunk_size)]
@@ -237,6 +272,8 @@ class UnlearnResult:
     stopped_early: bool = False
     retain_accuracy_before: Optional[float] = None  # the stopping rule's retain sample, before step 1
     peak_memory_bytes: Optional[int] = None  # see peak_memory_bytes()
+    calibration: Optional[dict] = None  # calibrated runs: the target, whether it was met, the checks
+    config: Optional["UnlearnConfig"] = None  # the settings the run used (the request's filled in)
 
 
 def accuracy(model, tokenizer, data: TextDataset, max_length=96):
@@ -244,15 +281,6 @@ def accuracy(model, tokenizer, data: TextDataset, max_length=96):
     if len(data) == 0:
         return 0.0
     return classification_metrics(predict(model, tokenizer, data, max_length=max_length), data.label_names)["accuracy"]
-
-
-def _stop_sample(data: TextDataset, config: UnlearnConfig) -> TextDataset:
-    """The fixed random sample of at most ``stop_sample`` rows the stopping rule predicts (its own
-    generator, so the batches drawn are the same with or without a stopping rule)."""
-    if config.stop_sample is None or len(data) <= config.stop_sample:
-        return data
-    order = torch.randperm(len(data), generator=torch.Generator().manual_seed(config.seed))
-    return data.subset(sorted(order[:config.stop_sample].tolist()))
 
 
 def _should_stop(model, tokenizer, forget_check, retain_check, config, record, retain_before):
@@ -325,7 +353,7 @@ class Checkpoint:
 
 def train_steps(model, tokenizer, forget: TextDataset, retain: TextDataset, config: UnlearnConfig, step_loss,
                 steps=None, forget_batch_size=None, retain_batch_size=None, progress=True, desc="unlearn",
-                checkpoint: Optional[Checkpoint] = None, extra_state=None):
+                checkpoint: Optional[Checkpoint] = None, extra_state=None, calibrator: Optional[Calibrator] = None):
     """The loop every method shares: each step draws forget and retain samples (walking seeded
     permutations), tokenises them into one batch, and takes an AdamW step on
     ``step_loss(model, inputs, labels, forget_mask) -> (loss, parts)`` (a loss without grad
@@ -333,6 +361,8 @@ def train_steps(model, tokenizer, forget: TextDataset, retain: TextDataset, conf
     stopping rule and returns an UnlearnResult with one history record per step. With a
     ``checkpoint`` whose file exists, the run continues from it instead of starting over;
     ``extra_state`` (state_dict / load_state_dict, e.g. a RetainQueue) is saved with it.
+    With a ``calibrator`` the run stops on its target, guard and time budget instead of the
+    config's fixed rule, and ``result.calibration`` reports it.
 
     Under torch.distributed (torchrun, accelerate launch) the model is wrapped in DDP and the
     batch sizes are global: every rank walks the same permutations and takes its share of each
@@ -344,7 +374,9 @@ def train_steps(model, tokenizer, forget: TextDataset, retain: TextDataset, conf
 
     forget_batch_size = config.forget_batch_size if forget_batch_size is None else forget_batch_size
     retain_batch_size = config.retain_batch_size if retain_batch_size is None else retain_batch_size
-    steps = config.total_steps(len(forget)) if steps is None else steps
+    steps = config.total_steps(len(forget), len(retain)) if steps is None else steps
+    if config.learning_rate is None:
+        raise ValueError("learning_rate is None: resolve the config for its request first (for_request)")
     device = next(model.parameters()).device
     generator = torch.Generator().manual_seed(config.seed)
     torch.manual_seed(config.seed)  # dropout masks
@@ -356,7 +388,7 @@ def train_steps(model, tokenizer, forget: TextDataset, retain: TextDataset, conf
     if device.type == "cuda":
         torch.cuda.reset_peak_memory_stats(device)
     orders = {"forget": [], "retain": []}
-    forget_check, retain_check = (_stop_sample(data, config) for data in (forget, retain))
+    forget_check, retain_check = (fixed_sample(data, config.stop_sample, config.seed) for data in (forget, retain))
 
     def next_batch(name, data, size):  # walk a fresh permutation, reshuffle when used up
         picked = []
@@ -367,7 +399,9 @@ def train_steps(model, tokenizer, forget: TextDataset, retain: TextDataset, conf
         return picked
 
     result = UnlearnResult(model)
-    first = 1
+    first, stop_reason = 1, None
+    if calibrator is not None:
+        calibrator.start_clock()
     state = checkpoint.load() if checkpoint is not None else None
     if state is not None:
         model.load_state_dict(state["model"])
@@ -382,6 +416,14 @@ def train_steps(model, tokenizer, forget: TextDataset, retain: TextDataset, conf
         result.retain_accuracy_before = state.get("retain_accuracy_before")  # absent in older checkpoints
         if extra_state is not None:
             extra_state.load_state_dict(state["extra"])
+        if calibrator is not None:
+            calibrator.load_state_dict(state["calibration"])
+    elif calibrator is not None:
+        if calibrator.begin(model, probe_seconds(model, tokenizer, retain, config),
+                            steps_per_epoch(len(retain), config.retain_batch_size), optimizer):
+            stop_reason = "target met before the first step"
+    if calibrator is not None:
+        forget = calibrator.training_forget(forget)
     elif config.stop_forget_accuracy is not None and config.stop_retain_drop is not None:
         result.retain_accuracy_before = accuracy(model, tokenizer, retain_check, config.max_length)
     model.train()
@@ -390,8 +432,12 @@ def train_steps(model, tokenizer, forget: TextDataset, retain: TextDataset, conf
         from torch.nn.parallel import DistributedDataParallel
 
         trained = DistributedDataParallel(model, device_ids=[device] if device.type == "cuda" else None)
+    step_seconds = 0.0
     for step in tqdm(range(first, steps + 1), desc=desc, disable=not progress or rank > 0, initial=first - 1,
                      total=steps):
+        if calibrator is not None and (stop_reason or _any_rank(calibrator.out_of_time(step_seconds, step - 1), world, device)):
+            stop_reason = stop_reason or "budget"
+            break
         start = time.perf_counter()
         f_idx = next_batch("forget", forget, forget_batch_size)[rank::world]
         r_idx = next_batch("retain", retain, retain_batch_size)[rank::world]
@@ -406,11 +452,15 @@ def train_steps(model, tokenizer, forget: TextDataset, retain: TextDataset, conf
             scaler.scale(loss).backward()
         scaler.step(optimizer)
         scaler.update()
-        record = dict(step=step, loss=loss.item(), seconds=time.perf_counter() - start,
-                      **{k: float(v) for k, v in parts.items()})
+        step_seconds = time.perf_counter() - start
+        record = dict(step=step, loss=loss.item(), seconds=step_seconds, **{k: float(v) for k, v in parts.items()})
         result.history.append(record)
         fault_point(f"step:{step}")
-        if config.stop_forget_accuracy is not None and (step % config.check_every == 0 or step == steps):
+        if calibrator is not None:
+            stop_reason = calibrator.after_step(step, model, optimizer, last=step == steps)
+            if stop_reason:
+                break
+        elif config.stop_forget_accuracy is not None and (step % config.check_every == 0 or step == steps):
             if _should_stop(model, tokenizer, forget_check, retain_check, config, record,
                             result.retain_accuracy_before):
                 result.stopped_early = step < steps
@@ -421,12 +471,28 @@ def train_steps(model, tokenizer, forget: TextDataset, retain: TextDataset, conf
                                  cuda_rng=torch.cuda.get_rng_state(device) if device.type == "cuda" else None,
                                  scaler=scaler.state_dict(),
                                  history=result.history, retain_accuracy_before=result.retain_accuracy_before,
-                                 extra=None if extra_state is None else extra_state.state_dict()))
+                                 extra=None if extra_state is None else extra_state.state_dict(),
+                                 calibration=None if calibrator is None else calibrator.state_dict()))
+    if calibrator is not None:
+        checked = calibrator.state["checks"][-1]["step"]
+        if stop_reason == "budget" and result.history and checked != result.history[-1]["step"]:
+            calibrator.after_step(result.history[-1]["step"], model, optimizer, last=True)  # undone if it broke the guard
+        result.stopped_early = stop_reason != "steps"
+        result.calibration = calibrator.finish(stop_reason or "steps")
     model.eval()
     if config.gradient_checkpointing:
         set_activation_checkpointing(model, False)
     result.peak_memory_bytes = peak_memory_bytes(device)
     return result
+
+
+def _any_rank(flag, world, device):
+    """``flag`` on any rank (so that every rank takes the same decision from its own clock)."""
+    if world == 1:
+        return flag
+    value = torch.tensor([float(flag)], device=device)
+    dist.all_reduce(value, op=dist.ReduceOp.MAX)
+    return bool(value.item())
 
 
 def peak_memory_bytes(device) -> int:
@@ -450,11 +516,18 @@ class DeepCUTUnlearner:
     def accuracy(self, data: TextDataset):
         return accuracy(self.model, self.tokenizer, data, self.config.max_length)
 
+    def settings_for(self, forget: TextDataset, retain: TextDataset):
+        """(request kind, the config with that request's settings) that ``unlearn`` will use."""
+        kind = request_kind(self.config.request, forget, retain)
+        return kind, self.config.for_request(kind)
+
     def unlearn(self, forget: TextDataset, retain: TextDataset, progress=True,
-                checkpoint: Optional[Checkpoint] = None) -> UnlearnResult:
+                checkpoint: Optional[Checkpoint] = None, heldout: Optional[TextDataset] = None) -> UnlearnResult:
+        """Unlearn ``forget``; ``heldout``: data the model never trained on, which sets a
+        calibrated run's target and guard (see the calibration module)."""
         if len(forget) == 0 or len(retain) == 0:
             raise ValueError(f"need forget and retain samples, got {len(forget)} and {len(retain)}")
-        cfg = self.config
+        kind, cfg = self.settings_for(forget, retain)
         if forget.token_level != (resolve_embedding(cfg.embedding, self.model, forget.token_level) == "token"):
             raise ValueError(f"embedding={cfg.embedding!r} does not fit the data: token classification data "
                              "(word lists) needs embedding='token', text data one of 'cls', 'mean', 'pooler', "
@@ -462,6 +535,10 @@ class DeepCUTUnlearner:
         queue = RetainQueue(cfg.queue_size) if cfg.queue_size else None
         group = dist.group.WORLD if dist.is_initialized() and dist.get_world_size() > 1 else None
         step = deepcut_loss if cfg.chunk_size is None else cached_deepcut_step
-        return train_steps(self.model, self.tokenizer, forget, retain, cfg,
-                           lambda model, inputs, labels, mask: step(model, inputs, labels, mask, cfg, queue, group),
-                           progress=progress, desc="DeepCUT", checkpoint=checkpoint, extra_state=queue)
+        calibrator = Calibrator(self.tokenizer, forget, retain, heldout, cfg, kind) if cfg.calibrate else None
+        result = train_steps(self.model, self.tokenizer, forget, retain, cfg,
+                             lambda model, inputs, labels, mask: step(model, inputs, labels, mask, cfg, queue, group),
+                             progress=progress, desc="DeepCUT", checkpoint=checkpoint, extra_state=queue,
+                             calibrator=calibrator)
+        result.config = cfg
+        return result

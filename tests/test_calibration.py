@@ -1,0 +1,156 @@
+"""The self-calibrating run (calibration module) on a tiny BERT that memorised a toy corpus: the
+request found from the data, the target, the guard that undoes steps, the time budget, resume."""
+import random
+
+import pytest
+import torch
+
+from deepcut_fast.unlearning.calibration import SAMPLE_STEPS_WITHOUT_HELDOUT, request_kind
+from deepcut_fast.unlearning.data import TextDataset, forget_indices
+from deepcut_fast.unlearning.unlearner import Checkpoint, DeepCUTUnlearner, UnlearnConfig, accuracy
+from tiny_models import fine_tune, interrupted_at, tiny_bert, toy_corpus  # fixtures tok, original: conftest
+
+NO_TIME_LIMIT = 1e6  # retraining epochs: the budget never ends these runs
+
+
+@pytest.fixture(scope="module")
+def heldout():
+    return toy_corpus(per_class=20, seed=1)  # same distribution, never trained on
+
+
+def model_from(state, data, tok):
+    model = tiny_bert(data.label_names, tok.vocab_size)
+    model.load_state_dict(state)
+    return model
+
+
+def random_forget(data, share=0.25, seed=0):
+    return sorted(random.Random(seed).sample(range(len(data)), round(share * len(data))))
+
+
+def same_weights(model, state):
+    return all(torch.equal(p, state[n]) for n, p in model.state_dict().items())
+
+
+def test_request_is_found_from_the_data(original):
+    data, _ = original
+    forget, retain = data.partition(forget_indices(data, forget_class="tech"))
+    assert request_kind("auto", forget, retain) == "class"
+    forget, retain = data.partition(random_forget(data))
+    assert request_kind("auto", forget, retain) == "sample"
+    assert request_kind("mislabelled", forget, retain) == "mislabelled"
+    with pytest.raises(ValueError, match="request 'class' needs a class whose every training sample"):
+        request_kind("class", forget, retain)
+
+
+def test_class_request_stops_once_the_class_is_gone(tok, original, heldout):
+    data, state = original
+    forget, retain = data.partition(forget_indices(data, forget_class="tech"))
+    model = model_from(state, data, tok)
+    assert accuracy(model, tok, forget) == 1.0
+    cfg = UnlearnConfig(learning_rate=2e-3, budget=NO_TIME_LIMIT, steps=60, max_length=32)
+    result = DeepCUTUnlearner(model, tok, cfg).unlearn(forget, retain, progress=False, heldout=heldout)
+    report = result.calibration
+    assert (report["request"], report["met"], report["stopped_because"]) == ("class", True, "target met")
+    assert report["forgotten_classes"] == ["tech"] and report["guard_on"] == "held-out data"
+    assert len(result.history) < 60 and result.config.gamma == 1.0 and result.config.views == 1
+    assert accuracy(model, tok, forget) <= 0.02  # every forget sample is checked (24 <= stop_sample)
+    others = heldout.subset([i for i, y in enumerate(heldout.labels) if heldout.label_names[y] != "tech"])
+    assert accuracy(model, tok, others) >= report["start"]["guard_accuracy"] - 0.01 - 1e-9
+
+
+def test_mislabelled_request_removes_the_wrong_labels(tok, heldout):
+    clean = toy_corpus()
+    rng = random.Random(0)
+    chosen = sorted(rng.sample(range(len(clean)), 8))
+    labels = list(clean.labels)
+    for i in chosen:
+        labels[i] = (labels[i] + rng.randrange(1, len(clean.label_names))) % len(clean.label_names)
+    noisy = TextDataset(clean.ids, clean.texts, labels, clean.label_names)
+    model = fine_tune(tiny_bert(noisy.label_names, tok.vocab_size), tok, noisy, steps=150)
+    forget, retain = noisy.partition(chosen)
+    assert accuracy(model, tok, forget) >= 0.75  # the wrong labels were learnt
+    # the toy model's recall of a class moves by several samples as the wrong labels go: a looser guard
+    cfg = UnlearnConfig(request="mislabelled", learning_rate=2e-3, budget=NO_TIME_LIMIT, steps=80, max_length=32,
+                        guard_accuracy_drop=0.05, guard_recall_drop=0.2)
+    result = DeepCUTUnlearner(model, tok, cfg).unlearn(forget, retain, progress=False, heldout=heldout)
+    report = result.calibration
+    assert (report["request"], report["met"]) == ("mislabelled", True)
+    # the target: the held-out error rate spread over the other classes, plus one standard error
+    error = 1 - report["start"]["guard_accuracy"]
+    share = error / (len(clean.label_names) - 1)
+    limit = share + (max(share * (1 - share), 1e-4) / len(forget)) ** 0.5
+    assert report["aim"] == f"forget accuracy <= {100 * limit:.1f}%"
+    assert accuracy(model, tok, forget) <= limit
+
+
+def test_target_met_before_the_first_step_leaves_the_model_alone(tok, original, heldout):
+    """Samples the model never trained on already look like held-out data: nothing to do."""
+    data, state = original
+    unseen = toy_corpus(per_class=6, seed=2)
+    model = model_from(state, data, tok)
+    cfg = UnlearnConfig(budget=NO_TIME_LIMIT, max_length=32)
+    result = DeepCUTUnlearner(model, tok, cfg).unlearn(unseen, data, progress=False, heldout=heldout)
+    assert result.calibration["stopped_because"] == "target met before the first step"
+    assert result.calibration["met"] and result.history == [] and same_weights(model, state)
+
+
+def test_steps_that_break_the_guard_are_undone(tok, original, heldout):
+    """A learning rate that wrecks the model: every check breaks the guard, its steps are undone
+    and the rate halved; the third time the run ends on the starting weights."""
+    data, state = original
+    forget, retain = data.partition(forget_indices(data, forget_class="tech"))
+    model = model_from(state, data, tok)
+    cfg = UnlearnConfig(learning_rate=5.0, gamma=5.0, budget=NO_TIME_LIMIT, steps=40, max_length=32)
+    result = DeepCUTUnlearner(model, tok, cfg).unlearn(forget, retain, progress=False, heldout=heldout)
+    report = result.calibration
+    assert report["stopped_because"] == "guard" and report["undone_checks"] == 3
+    assert [c["step"] for c in report["checks"] if c.get("undone")] == [2, 4, 6]
+    assert len(result.history) == 6 and same_weights(model, state)
+    assert report["final"] == report["start"]
+
+
+def test_time_budget_ends_the_run(tok, original, heldout):
+    data, state = original
+    forget, retain = data.partition(forget_indices(data, forget_class="tech"))
+    model = model_from(state, data, tok)
+    cfg = UnlearnConfig(budget=1e-9, steps=50, max_length=32, learning_rate=1e-5)  # too slow to meet the target
+    result = DeepCUTUnlearner(model, tok, cfg).unlearn(forget, retain, progress=False, heldout=heldout)
+    report = result.calibration
+    # the first check interval always runs; then the budget ends the run
+    assert report["stopped_because"] == "budget" and len(result.history) == cfg.check_every
+    assert report["retrain_epoch_seconds_estimate"] > 0 and not report["met"]
+
+
+def test_without_heldout_data_a_sample_target_is_not_measured(tok, original):
+    data, state = original
+    forget, retain = data.partition(random_forget(data))
+    model = model_from(state, data, tok)
+    result = DeepCUTUnlearner(model, tok, UnlearnConfig(budget=NO_TIME_LIMIT, max_length=32)).unlearn(
+        forget, retain, progress=False)
+    report = result.calibration
+    assert (report["measured"], report["met"], report["stopped_because"]) == (False, False, "steps")
+    assert report["guard_on"] == "retain sample (no held-out data)" and "needs held-out data" in report["aim"]
+    assert len(result.history) == SAMPLE_STEPS_WITHOUT_HELDOUT
+
+
+def test_calibrated_run_resumes_to_the_same_model(tok, original, tmp_path):
+    data, state = original
+    forget, retain = data.partition(random_forget(data))
+    cfg = UnlearnConfig(budget=NO_TIME_LIMIT, max_length=32, learning_rate=1e-3)
+
+    def run(checkpoint=None):
+        return DeepCUTUnlearner(model_from(state, data, tok), tok, cfg).unlearn(
+            forget, retain, progress=False, checkpoint=checkpoint)
+
+    straight = run()
+    checkpoint = Checkpoint(tmp_path / "state.pt", every=2)
+    with interrupted_at(5), pytest.raises(KeyboardInterrupt):
+        run(checkpoint)
+    assert checkpoint.load()["step"] == 4
+    resumed = run(checkpoint)
+    assert [r["loss"] for r in resumed.history] == pytest.approx([r["loss"] for r in straight.history])
+    drop = ("seconds",)
+    assert [{k: v for k, v in c.items() if k not in drop} for c in resumed.calibration["checks"]] == \
+        [{k: v for k, v in c.items() if k not in drop} for c in straight.calibration["checks"]]
+    assert same_weights(resumed.model, straight.model.state_dict())
