@@ -20,7 +20,9 @@ from pathlib import Path
 
 from deepcut_fast.unlearning.baselines import deepcut
 from deepcut_fast.unlearning.data import CORPORA
-from deepcut_fast.unlearning.demo import SCENARIOS, DemoOptions, retrain_time_same_run, scenario_figures, train_models
+from deepcut_fast.unlearning.calibration import request_kind
+from deepcut_fast.unlearning.compare import request_figures, retrain_time_same_run
+from deepcut_fast.unlearning.demo import SCENARIOS, DemoOptions, train_models
 from deepcut_fast.unlearning.evaluation import gap_to, headline, predict_sets, report_from_predictions
 
 
@@ -43,13 +45,18 @@ def main():
     args = parser.parse_args()
     opts = DemoOptions(scenario=args.scenario, corpus=args.corpus, seed=args.seed)
     data, original, tokenizer, retrained = train_models(opts, Path(args.cache))
+    names = data["train"].label_names
+    request = request_kind(opts.unlearn.request, data["forget"], data["retain"])
+    forgotten = [names[c] for c in sorted(set(data["forget"].labels) - set(data["retain"].labels))]
+    true_labels = [data["notes"]["true_labels"][i] for i in data["forget"].ids] if opts.scenario == "noisy" else None
+
     def figures(model):
         preds = predict_sets(model, tokenizer, data["forget"], data["retain"], data["test"], max_length=opts.max_length)
-        report = report_from_predictions(preds, data["train"].label_names)
-        return report, scenario_figures(opts, preds, data, data["train"].label_names)
+        report = report_from_predictions(preds, names)
+        return report, request_figures(request, preds, data, names, forgotten, true_labels)
 
     gold, gold_scenario = figures(retrained[0][1])
-    retrain_seconds = retrain_time_same_run(opts, data["retain"], tokenizer)["retrain_seconds_same_run"]
+    retrain_seconds = retrain_time_same_run(opts.recipe(), data["retain"], tokenizer)["retrain_seconds_same_run"]
     print(json.dumps(dict(setting="retrain", retrain_seconds=round(retrain_seconds, 1), **gold_scenario,
                           test_f1=headline(gold)["test_f1"])), flush=True)
     for name, model in (("original", original), ("retrain_seed2", retrained[1][1])):  # the bounds a run must beat

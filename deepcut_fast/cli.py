@@ -7,6 +7,10 @@
   unlearned model (save_pretrained) and a report; an interrupted run resumes.
 - ``deepcut-fast evaluate``: a model's utility and membership figures on the forget, retain
   and test sets, and their gaps to a reference (e.g. retrained) model.
+- ``deepcut-fast finetune``: fine-tune a pretrained model on your data, saving the recipe
+  that ``compare`` repeats to retrain.
+- ``deepcut-fast compare``: the demo's harness on your files: the original, retraining (two
+  seeds), DeepCUT and every baseline under one budget; writes report.json, .md and .png.
 - ``deepcut-fast check``: the loss on every backend available here against the float64
   reference (loss, gradient error, time).
 
@@ -69,7 +73,8 @@ def demo(args):
     from dataclasses import replace
     from pathlib import Path
 
-    from deepcut_fast.unlearning.demo import default_config, markdown_table, run_demo
+    from deepcut_fast.unlearning.compare import markdown_table
+    from deepcut_fast.unlearning.demo import default_config, run_demo
 
     tuned = default_config(args.scenario, args.max_length, args.seed)
     opts = DemoOptions(scenario=args.scenario, corpus=args.corpus, forget_class=args.forget_class, seed=args.seed,
@@ -77,8 +82,41 @@ def demo(args):
                        unlearn=replace(tuned, **_given(args, DEMO_TUNABLE)), quick=args.quick)
     out = Path(args.out)
     report = run_demo(opts, out, cache=Path(args.cache) if args.cache else None)
-    print(markdown_table(report))
+    print(markdown_table(report, f"demo, {opts.corpus}, scenario {opts.scenario}"))
     print(f"wrote {out / 'report.json'}, {out / 'report.md'} and {out / 'report.png'}")
+    return 0
+
+
+def finetune(args):
+    from pathlib import Path
+
+    from deepcut_fast.unlearning.compare import Recipe, finetune as run_finetune
+    from deepcut_fast.unlearning.data import load_table
+
+    recipe = Recipe(**{k: getattr(args, k) for k in ("base", "epochs", "learning_rate", "batch_size", "max_length",
+                                                    "seed") if getattr(args, k) is not None})
+    data = load_table(args.data, text_column=args.text_column, label_column=args.label_column,
+                      id_column=args.id_column)
+    if Path(args.out).exists():
+        raise FileExistsError(f"--out {args.out} exists: choose a new folder for the fine-tuned model")
+    run_finetune(data, Path(args.out), recipe)
+    print(f"fine-tuned {len(data)} samples; wrote {args.out} (with recipe.json, which compare repeats to retrain)")
+    return 0
+
+
+def compare(args):
+    from deepcut_fast.unlearning.compare import Recipe, markdown_table, run_compare
+
+    if args.task != "sequence":
+        raise ValueError("compare runs on sequence classification (--task sequence)")
+    config = _config(args)
+    spec, columns = _data_options(args)
+    recipe = Recipe.load(args.recipe) if args.recipe else None
+    report = run_compare(args.model, args.data, args.test, args.out, spec, config, recipe=recipe,
+                         heldout_path=args.heldout, columns=columns, second_seed=not args.one_retrain,
+                         methods=args.methods.split(",") if args.methods else None)
+    print(markdown_table(report, f"{args.model} on {args.data}"))
+    print(f"wrote {args.out}/report.json, report.md and report.png")
     return 0
 
 
@@ -92,16 +130,20 @@ def _data_options(args):
     return {k: v for k, v in specs.items() if v}, columns
 
 
-def unlearn(args):
-    from deepcut_fast.unlearning.job import run_unlearn_job
-
-    settings = _given(args, CONFIG_OPTIONS)
+def _config(args):
+    """The UnlearnConfig of the options given; a bad one is reported by its option."""
     try:
-        config = UnlearnConfig(**settings)
+        return UnlearnConfig(**_given(args, CONFIG_OPTIONS))
     except ConfigError as err:  # name the options, not the fields
         message = re.sub(r"\b[a-z_]+\b", lambda m: CONFIG_OPTIONS.get(m.group(), (m.group(),))[0],
                          str(err)).replace("--no-calibrate=False", "--no-calibrate")
         raise ValueError(message) from None
+
+
+def unlearn(args):
+    from deepcut_fast.unlearning.job import run_unlearn_job
+
+    config = _config(args)
     if args.checkpoint_every < 1:
         raise ValueError(f"--checkpoint-every must be >= 1, got {args.checkpoint_every}")
     spec, columns = _data_options(args)
@@ -274,6 +316,33 @@ def build_parser():
     u.add_argument("--merge", action="store_true",
                    help="a PEFT adapter model: save the result merged into a full model instead of as an adapter")
     u.set_defaults(func=unlearn)
+    f = sub.add_parser("finetune", parents=[common], help="fine-tune a pretrained model on your data (the original)")
+    f.add_argument("--data", required=True, help="training data (.csv or .jsonl)")
+    f.add_argument("--out", required=True, help="a new folder for the fine-tuned model and its recipe.json")
+    f.add_argument("--base", default=None, help="directory of the pretrained model (default: the embedded MiniLM-L6)")
+    f.add_argument("--epochs", type=float, default=None, help="passes over the data (default: 2)")
+    f.add_argument("--lr", dest="learning_rate", type=float, default=None, help="AdamW learning rate (default: 5e-5)")
+    f.add_argument("--batch-size", type=int, default=None, help="samples per step (default: 32)")
+    f.add_argument("--max-length", type=int, default=None, help="tokens per text (default: 64)")
+    f.add_argument("--seed", type=int, default=None, help="seed of the batches and dropout (default: 0)")
+    f.add_argument("--text-column", default="text")
+    f.add_argument("--label-column", default="label")
+    f.add_argument("--id-column", default=None)
+    f.set_defaults(func=finetune)
+    c = sub.add_parser("compare", parents=[common],
+                       help="DeepCUT against retraining and every baseline on your model and files")
+    c.add_argument("--model", required=True, help="the fine-tuned model (made by finetune, or with --recipe)")
+    c.add_argument("--out", required=True, help="output folder (the retrained models are cached in <out>/cache)")
+    c.add_argument("--recipe", default=None, help="JSON file of how the model was fine-tuned (default: "
+                   "<model>/recipe.json, which finetune writes); keys base, epochs, learning_rate, batch_size, "
+                   "max_length, seed")
+    c.add_argument("--heldout", default=None, help="held-out data for the calibrated target and guard (default: "
+                   "half of --test; the other half is measured)")
+    c.add_argument("--one-retrain", action="store_true", help="retrain once (no second seed for the noise floor)")
+    c.add_argument("--methods", default=None, help="comma-separated methods to run (default: all)")
+    _add_data_arguments(c)
+    _add_config_options(c, CONFIG_OPTIONS, _config_default)
+    c.set_defaults(func=compare)
     e = sub.add_parser("evaluate", parents=[common],
                        help="forget / retain / test figures of a model, and gaps to a reference")
     e.add_argument("--model", required=True, help="directory of the model to evaluate")

@@ -10,7 +10,7 @@ from deepcut_fast.unlearning import baselines
 from deepcut_fast.unlearning.data import forget_indices
 from deepcut_fast.unlearning.model import embed, encode, load_classifier, save_trained, set_activation_checkpointing
 from deepcut_fast.unlearning.unlearner import DeepCUTUnlearner, UnlearnConfig, accuracy, deepcut_loss
-from tiny_models import fine_tune, tiny_bert, tiny_decoder, tokenizer, toy_corpus
+from tiny_models import fine_tune, tiny_bert, tiny_decoder, tokenizer, toy_corpus, write_csv
 
 try:
     import peft
@@ -33,16 +33,6 @@ def save(model, tok, folder):
     model.save_pretrained(folder)
     tok.save_pretrained(folder)
     return folder
-
-
-def write_csv(data, path):
-    import csv
-
-    with open(path, "w", newline="") as f:
-        writer = csv.writer(f)
-        writer.writerow(["id", "text", "label"])
-        writer.writerows(zip(data.ids, data.texts, [data.label_names[y] for y in data.labels]))
-    return path
 
 
 # --- decoder-only classifiers -------------------------------------------------------------------

@@ -7,11 +7,14 @@ from deepcut_fast.unlearning.demo import METHOD_ORDER
 
 def _report(deepcut_seconds, deepcut_recall, retrain_seconds=100.0):
     rows = {m: dict(forget_f1=90.0, test_f1=95.0, mia_loss_auc=0.5, distance_to_retrain=0.1, seconds=50.0,
-                    forgotten_class_recall_train=50.0, forgotten_class_recall_test=50.0, other_classes_test_f1=96.0)
-            for m in METHOD_ORDER}
-    rows["retrain"].update(seconds=retrain_seconds, distance_to_retrain=0.0, forgotten_class_recall_train=0.0)
-    rows["deepcut"].update(seconds=deepcut_seconds, forgotten_class_recall_train=deepcut_recall,
-                           distance_to_retrain=0.05, other_classes_test_f1=95.0)
+                    time_ratio=50.0 / retrain_seconds, forgotten_class_recall_train=50.0,
+                    forgotten_class_recall_test=50.0, other_classes_test_f1=96.0, knn_forget=80.0, knn_test=90.0,
+                    cka_forget=0.8) for m in METHOD_ORDER}
+    rows["retrain"].update(seconds=retrain_seconds, time_ratio=1.0, distance_to_retrain=0.0,
+                           forgotten_class_recall_train=0.0, knn_forget=40.0, cka_forget=1.0)
+    rows["deepcut"].update(seconds=deepcut_seconds, time_ratio=deepcut_seconds / retrain_seconds,
+                           forgotten_class_recall_train=deepcut_recall, distance_to_retrain=0.05,
+                           other_classes_test_f1=95.0, knn_forget=50.0, cka_forget=0.9)
     return {"summary": rows, "timing": {"retrain_seconds_same_run": retrain_seconds}, "options": {"seed": 0}}
 
 
@@ -27,5 +30,7 @@ def test_class_targets():
     assert checks["time / retrain time"] == pytest.approx((0.25, 0.25, True))
     assert checks["other classes' test F1 gap to retrain (points)"] == (1.0, 0.5, False)
     assert checks["distance to retrain (closest baseline)"] == (0.05, 0.1, True)
+    assert checks["knn_forget gap to retrain (closest baseline)"] == (10.0, 40.0, True)
+    assert checks["1 - CKA to retrain, forget set (closest baseline)"] == pytest.approx((0.1, 0.2, True))
     assert "| forgotten-class recall, training docs (%) | 1.500 | 2.000 | yes |" in markdown(
-        {"class": dict(seeds=[0, 1], aggregate=aggregate([_report(20.0, 1.0)] * 2), targets=checks)})
+        {"bbc_news/class": dict(seeds=[0, 1], aggregate=aggregate([_report(20.0, 1.0)] * 2), targets=checks)})

@@ -85,20 +85,26 @@ def toy_ner_corpus(sentences=48, seed=0, people=PEOPLE, places=PLACES):
     return TextDataset(ids, texts, labels, names)
 
 
+def write_csv(data, path):
+    """A TextDataset as a CSV file (id, text, label name), as a user's data file looks."""
+    import csv
+
+    with open(path, "w", newline="") as f:
+        writer = csv.writer(f)
+        writer.writerow(["id", "text", "label"])
+        writer.writerows(zip(data.ids, data.texts, [data.label_names[y] for y in data.labels]))
+    return path
+
+
 def save_toy_job(root):
     """A tiny BERT fine-tuned on the toy corpus, saved with its tokenizer in ``root/model``, and
     the corpus as ``root/train.csv`` (id, text, label name): the inputs of a CLI job."""
-    import csv
-
     tok = tokenizer()
     data = toy_corpus()
     model = fine_tune(tiny_bert(data.label_names, tok.vocab_size), tok, data)
     model.save_pretrained(root / "model")
     tok.save_pretrained(root / "model")
-    with open(root / "train.csv", "w", newline="") as f:
-        writer = csv.writer(f)
-        writer.writerow(["id", "text", "label"])
-        writer.writerows(zip(data.ids, data.texts, [data.label_names[y] for y in data.labels]))
+    write_csv(data, root / "train.csv")
     return root
 
 

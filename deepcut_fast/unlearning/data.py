@@ -258,11 +258,13 @@ def load_debates_2016(min_words=8) -> TextDataset:
 
 
 def split(dataset: TextDataset, test_fraction=0.2, seed=0):
-    """A stratified (train, test) split that depends only on the data and the seed."""
+    """A (train, test) split that depends only on the data and the seed, stratified by class
+    when every class has two samples or more."""
     from sklearn.model_selection import train_test_split
 
+    counts = [dataset.labels.count(c) for c in set(dataset.labels)] if not dataset.token_level else [0]
     train, test = train_test_split(list(range(len(dataset))), test_size=test_fraction, random_state=seed,
-                                   stratify=dataset.labels)
+                                   stratify=dataset.labels if min(counts) >= 2 else None)
     return dataset.subset(sorted(train)), dataset.subset(sorted(test))
 
 

@@ -78,7 +78,7 @@ def load_data(path, label_names, task="sequence", columns=None, keep_ids=True):
     return load_table(path, label_names=label_names, **columns)
 
 
-def _sets(model_dir, data_path, forget_spec, task, columns, test_path=None, layer=-1):
+def read_sets(model_dir, data_path, forget_spec, task, columns, test_path=None, layer=-1):
     """(label names, train, forget, retain, test or None), all read and checked, with the
     hidden ``layer`` the embedding comes from."""
     config = model_config(model_dir)
@@ -171,7 +171,7 @@ def run_unlearn_job(model_dir, data_path, out, config: UnlearnConfig, forget_spe
     returns its report; ``restart`` discards what ``out`` holds first. A calibrated run sets its
     target and guard on ``heldout_path`` (default: the test file, ``test_path``)."""
     out = Path(out)
-    label_names, train, forget, retain, test = _sets(model_dir, data_path, forget_spec, task, columns, test_path,
+    label_names, train, forget, retain, test = read_sets(model_dir, data_path, forget_spec, task, columns, test_path,
                                                      config.layer)
     heldout = test if heldout_path is None else load_data(heldout_path, label_names, task, columns, keep_ids=False)
     config = config.for_request(request_kind(config.request, forget, retain))  # settings as the run takes them
@@ -223,7 +223,7 @@ def run_evaluate_job(model_dir, data_path, test_path, out_file, forget_spec: dic
     gaps to it); writes ``out_file`` (JSON) atomically and returns the report."""
     if reference_dir is not None and test_path is None:
         raise ValueError("comparing with a reference model needs a test set (the membership figures use it)")
-    label_names, _, forget, retain, test = _sets(model_dir, data_path, forget_spec, task, columns, test_path)
+    label_names, _, forget, retain, test = read_sets(model_dir, data_path, forget_spec, task, columns, test_path)
     if reference_dir is not None:
         model_label_names(reference_dir)  # checked before any model loads
     reports = {}

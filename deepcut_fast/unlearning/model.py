@@ -1,5 +1,6 @@
 """Transformers classifiers for unlearning: offline loading (full models and PEFT adapters) and
 the embeddings DeepCUT contrasts."""
+import contextlib
 import json
 import os
 from pathlib import Path
@@ -123,21 +124,28 @@ def save_trained(model, tokenizer, directory, merge=False):
     tokenizer.save_pretrained(directory)
 
 
-def load_base_encoder(label_names):
-    """(model, tokenizer): the embedded MiniLM-L6 with a new classification head for
-    ``label_names``. The missing head is expected here, so transformers' load report and
-    loading bars are kept quiet (``load_classifier`` keeps them for a user's checkpoint)."""
+@contextlib.contextmanager
+def quiet_loading():
+    """transformers' load report and loading bars off (a new head is expected when loading a
+    pretrained encoder as a classifier), restored afterwards."""
     from transformers.utils import logging as hf_logging
 
     verbosity, bars = hf_logging.get_verbosity(), hf_logging.is_progress_bar_enabled()
     hf_logging.set_verbosity_error()
     hf_logging.disable_progress_bar()
     try:
-        return load_classifier(default_model_path(), label_names)
+        yield
     finally:
         hf_logging.set_verbosity(verbosity)
         if bars:
             hf_logging.enable_progress_bar()
+
+
+def load_base_encoder(label_names):
+    """(model, tokenizer): the embedded MiniLM-L6 with a new classification head for
+    ``label_names`` (quietly: ``load_classifier`` keeps the report for a user's checkpoint)."""
+    with quiet_loading():
+        return load_classifier(default_model_path(), label_names)
 
 
 def _tokenize(tokenizer, texts, max_length):

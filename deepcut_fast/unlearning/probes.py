@@ -10,7 +10,7 @@ read the encoder (sequence classifiers):
   retrained without the forget set places forget samples like test samples;
 - ``linear_cka``: linear centred kernel alignment (Kornblith et al. 2019) between two models'
   embeddings of the same samples, 1 for representations equal up to rotation and scale: of the
-  unlearned model against the retrained one, on each set;
+  unlearned model against the retrained one, on the forget and test sets;
 - ``relearn_curve``: a few fine-tuning steps on a small part of the forget set, and the accuracy
   on the rest of it after each step. Knowledge that was hidden rather than removed returns in a
   few steps; a retrained model shows how fast it returns from nothing.
@@ -80,16 +80,24 @@ def linear_cka(x, y):
 
 def representation_figures(model, tokenizer, sets, reference=None, embedding="auto", max_length=96):
     """{"knn_<set>": k-NN accuracy of each of ``sets`` ({"forget", "retain", "test"} datasets)
-    and, with a ``reference`` model, "cka_<set>": linear CKA between the two models' embeddings}."""
+    and, with ``reference`` (a model, or its ``reference_embeddings``), "cka_forget" and
+    "cka_test": linear CKA between the two models' embeddings of those sets}."""
     mine = {name: embeddings(model, tokenizer, sets[name], embedding, max_length=max_length) for name in SETS}
     memory, memory_labels = mine["retain"], sets["retain"].labels
     out = {f"knn_{name}": knn_accuracy(mine[name], sets[name].labels, memory, memory_labels,
                                        leave_self_out=name == "retain") for name in SETS}
     if reference is not None:
-        for name in SETS:
-            theirs = embeddings(reference, tokenizer, sets[name], embedding, max_length=max_length)
-            out[f"cka_{name}"] = linear_cka(mine[name], theirs)
+        if not isinstance(reference, dict):
+            reference = reference_embeddings(reference, tokenizer, sets, embedding, max_length)
+        out.update({f"cka_{name}": linear_cka(mine[name], theirs) for name, theirs in reference.items()})
     return out
+
+
+def reference_embeddings(reference, tokenizer, sets, embedding="auto", max_length=96):
+    """The reference model's embeddings of the forget and test sets, for ``representation_figures``
+    (computed once when many models are compared with one reference)."""
+    return {name: embeddings(reference, tokenizer, sets[name], embedding, max_length=max_length)
+            for name in ("forget", "test")}
 
 
 def relearn_split(forget, seed=0):

@@ -1,0 +1,337 @@
+"""``deepcut-fast compare``: DeepCUT against retraining and every baseline, on a user's own files.
+
+What it runs, all on the same forget set, settings, target, guard and time budget:
+- the original model (the user's, or one ``deepcut-fast finetune`` made, which saves its recipe);
+- a retrained reference: the recipe's pretrained base trained on the retain set only (the gold
+  standard), and with a second seed unless told not to (how far two retrainings fall apart:
+  the noise floor any method is judged against); both cached under ``<out>/cache``, named by a
+  fingerprint of what they are trained on, so a rerun or another method list reuses them;
+- DeepCUT and the baselines (``METHODS_COMPARED``).
+
+Every model is measured on the forget, retain and test sets: logits (accuracy, F1, membership
+inference), the request's own figures (a forgotten class's recall; a mislabelled sample's given
+label), the encoder's representation (k-NN accuracy and linear CKA to the retrained model) and
+relearning (accuracy on the forget set after a few fine-tuning steps on part of it). The test
+file is split in two fixed halves unless ``--heldout`` is given: one sets the calibrated target
+and guard, the other is what the report measures. ``report.json``, ``report.md`` and
+``report.png`` (time beside distance to retraining) are written atomically.
+"""
+import copy
+import hashlib
+import json
+import time
+from dataclasses import asdict, dataclass, fields
+from pathlib import Path
+from typing import Optional
+
+import numpy as np
+
+from deepcut_fast.unlearning import baselines
+from deepcut_fast.unlearning.calibration import request_kind
+from deepcut_fast.unlearning.data import read_text, split
+from deepcut_fast.unlearning.evaluation import (Predictions, classification_metrics, gap_to, headline, predict_sets,
+                                                report_from_predictions)
+from deepcut_fast.unlearning.files import atomic_write, atomic_write_json, claimed_folder, save_model_atomically
+from deepcut_fast.unlearning.model import default_model_path, load_classifier, quiet_loading, save_trained
+from deepcut_fast.unlearning.probes import reference_embeddings, relearn_curve, representation_figures
+from deepcut_fast.unlearning.unlearner import UnlearnConfig, steps_for
+
+METHODS_COMPARED = ("deepcut", "finetune_retain", "gradient_ascent", "gradient_difference", "random_relabel", "scrub",
+                    "salun", "npo")
+REFERENCES = ("original", "retrain", "retrain_seed2")
+RECIPE_FILE = "recipe.json"
+
+
+@dataclass
+class Recipe:
+    """How the original was fine-tuned, so that retraining can repeat it on the retain set:
+    AdamW at ``learning_rate`` for ``epochs`` passes in batches of ``batch_size``, from the
+    pretrained model in ``base`` (None: the embedded MiniLM-L6)."""
+    base: Optional[str] = None
+    epochs: float = 2.0
+    learning_rate: float = 5e-5
+    batch_size: int = 32
+    max_length: int = 64
+    seed: int = 0
+
+    def __post_init__(self):
+        for name in ("epochs", "learning_rate"):
+            if not 0 < getattr(self, name) < float("inf"):
+                raise ValueError(f"recipe {name} must be a finite number > 0, got {getattr(self, name)!r}")
+        for name in ("batch_size", "max_length"):
+            if getattr(self, name) < 1:
+                raise ValueError(f"recipe {name} must be >= 1, got {getattr(self, name)!r}")
+        if self.base is not None and not (Path(self.base) / "config.json").is_file():
+            raise ValueError(f"recipe base {self.base} is not a saved model directory (no config.json)")
+
+    def steps(self, size, epochs=None):
+        return steps_for(self.epochs if epochs is None else epochs, size, self.batch_size)
+
+    @classmethod
+    def load(cls, path):
+        """A recipe file (JSON); unknown or missing-typed fields are named."""
+        try:
+            values = json.loads(read_text(path))
+        except json.JSONDecodeError as err:
+            raise ValueError(f"{path}: not valid JSON ({err.msg}, line {err.lineno})") from None
+        known = {f.name for f in fields(cls)}
+        if not isinstance(values, dict) or set(values) - known:
+            raise ValueError(f"{path}: a recipe is a JSON object with the keys {sorted(known)}")
+        try:
+            return cls(**values)
+        except (TypeError, ValueError) as err:
+            raise ValueError(f"{path}: {err}") from None
+
+
+def load_base(recipe: Recipe, label_names):
+    """(model, tokenizer): the recipe's pretrained model with a new head for ``label_names``."""
+    with quiet_loading():
+        return load_classifier(recipe.base or default_model_path(), label_names)
+
+
+def fit(model, tokenizer, data, recipe: Recipe, seed, steps=None, learning_rate=None, desc=None):
+    """Cross-entropy training on ``data`` as the recipe says (``steps`` and ``learning_rate``
+    override it); the UnlearnResult. A progress bar labelled ``desc`` when given."""
+    cfg = UnlearnConfig(calibrate=False, steps=recipe.steps(len(data)) if steps is None else steps,
+                        learning_rate=recipe.learning_rate if learning_rate is None else learning_rate,
+                        retain_batch_size=recipe.batch_size, max_length=recipe.max_length, seed=seed)
+    return baselines.retrain(model, tokenizer, data.subset([]), data, cfg, progress=desc is not None, desc=desc)
+
+
+def cached_model(directory: Path, label_names, build):
+    """(model, tokenizer, seconds it took to train): loaded from ``directory``, or built with
+    ``build() -> (model, tokenizer, seconds)`` and saved there atomically."""
+    if not (directory / "config.json").exists():
+        model, tokenizer, seconds = build()
+        save_model_atomically(lambda folder: (save_trained(model, tokenizer, folder),
+                                              (folder / "seconds.txt").write_text(f"{seconds}\n")), directory)
+    model, tokenizer = load_classifier(directory, label_names)
+    return model, tokenizer, float((directory / "seconds.txt").read_text())
+
+
+def fingerprint(*parts):
+    return hashlib.sha1(json.dumps(parts, sort_keys=True, default=str).encode()).hexdigest()[:10]
+
+
+def retrained_models(recipe: Recipe, retain, cache: Path, second_seed=True, progress=False, prefix=""):
+    """[(name, model, seconds)]: the recipe's base trained on ``retain`` with the recipe's seed
+    ("retrain") and, with ``second_seed``, the next one ("retrain_seed2"); cached in ``cache``
+    under a name that fingerprints the recipe and the retain set."""
+    out = []
+    for name, seed in (("retrain", recipe.seed), ("retrain_seed2", recipe.seed + 1))[:2 if second_seed else 1]:
+        key = fingerprint(asdict(recipe), seed, retain.ids, retain.labels, retain.texts)
+        directory = cache / f"retrain-{prefix}seed{seed}-{key}"
+
+        def build(seed=seed):
+            start = time.perf_counter()
+            model, tokenizer = load_base(recipe, retain.label_names)
+            model = fit(model, tokenizer, retain, recipe, seed, desc=f"retrain (seed {seed})" if progress else None).model
+            return model, tokenizer, time.perf_counter() - start
+
+        model, _, seconds = cached_model(directory, retain.label_names, build)
+        out.append((name, model, seconds))
+    return out
+
+
+def retrain_time_same_run(recipe: Recipe, retain, tokenizer, probe_steps=6):
+    """Retraining's time as if it ran now: seconds per step of a few retraining steps timed right
+    after the methods (same machine load), times its step count. Cached models may have trained
+    under another load, so time ratios use this."""
+    model, _ = load_base(recipe, retain.label_names)
+    history = fit(model, tokenizer, retain, recipe, 0, steps=probe_steps + 1).history
+    per_step = sum(h["seconds"] for h in history[1:]) / probe_steps  # the first step warms up
+    steps = recipe.steps(len(retain))
+    return dict(retrain_step_seconds=per_step, retrain_steps=steps, retrain_seconds_same_run=per_step * steps)
+
+
+def request_figures(request, preds, sets, label_names, forgotten_classes=(), true_labels=None):
+    """The request's own figures. class: the forgotten classes' recall on their training and test
+    samples, and the other classes' test F1. mislabelled: accuracy on the given (wrong) labels
+    and, when known, on the true ones."""
+    if request == "mislabelled":
+        forget = preds["forget"]
+        out = dict(wrong_label_accuracy=100 * float((forget.predicted == forget.labels).mean()))
+        if true_labels is not None:
+            out["true_label_accuracy"] = 100 * float((forget.predicted == np.asarray(true_labels)).mean())
+        return out
+    if request != "class":
+        return {}
+    targets = [label_names.index(c) for c in forgotten_classes]
+    test, forget = preds["test"], preds["forget"]
+    in_class = np.isin(forget.labels, targets)
+    others = ~np.isin(test.labels, targets)
+    gone_test = np.isin(test.labels, targets)
+    other_f1 = classification_metrics(Predictions(test.labels[others], test.probs[others]), label_names)["macro_f1"]
+    return dict(forgotten_class_recall_train=100 * float((forget.predicted[in_class] == forget.labels[in_class]).mean()),
+                forgotten_class_recall_test=100 * float((test.predicted[gone_test] == test.labels[gone_test]).mean())
+                if gone_test.any() else float("nan"),
+                other_classes_test_f1=100 * other_f1)
+
+
+def compare_methods(original, tokenizer, sets, retrained, config: UnlearnConfig, recipe: Recipe,
+                    methods=METHODS_COMPARED, true_labels=None, probes=True, progress=True):
+    """Run ``methods`` from copies of ``original`` and measure every model. ``sets``: train,
+    forget, retain, heldout and test TextDatasets; ``retrained``: [(name, model, seconds)].
+    Returns the report (without writing it)."""
+    forget, retain, test = sets["forget"], sets["retain"], sets["test"]
+    label_names = sets["train"].label_names
+    request = request_kind(config.request, forget, retain)
+    config = config.for_request(request)  # every method: the same settings, target, guard and budget
+    forgotten = [label_names[c] for c in sorted(set(forget.labels) - set(retain.labels))] if request == "class" else []
+    probed = dict(forget=forget, retain=retain, test=test)
+    probes = probes and not forget.token_level
+    reference = dict((name, model) for name, model, _ in retrained).get("retrain")
+    if probes and reference is not None:
+        reference = reference_embeddings(reference, tokenizer, probed, config.embedding, config.max_length)
+    rows = {}
+
+    def record(name, model, seconds, steps=0, calibration=None):
+        preds = predict_sets(model, tokenizer, forget, retain, test, max_length=config.max_length)
+        row = report_from_predictions(preds, label_names)
+        row.update(seconds=seconds, steps=steps,
+                   request=request_figures(request, preds, sets, label_names, forgotten, true_labels))
+        if probes:
+            row["representation"] = representation_figures(model, tokenizer, probed, reference, config.embedding,
+                                                           config.max_length)
+            row["relearn_curve"] = relearn_curve(model, tokenizer, forget, max_length=config.max_length)
+        if calibration is not None:
+            row["calibration"] = {k: v for k, v in calibration.items() if k != "checks"}
+        rows[name] = row
+
+    record("original", original, 0.0)
+    for name, model, seconds in retrained:
+        record(name, model, seconds, steps=recipe.steps(len(retain)))
+    for name in methods:
+        start = time.perf_counter()
+        result = baselines.METHODS[name](copy.deepcopy(original), tokenizer, forget, retain, config,
+                                         progress=progress, heldout=sets["heldout"])
+        record(name, result.model, time.perf_counter() - start, len(result.history), result.calibration)
+    timing = retrain_time_same_run(recipe, retain, tokenizer)
+    gold = rows["retrain"]
+    counts = np.bincount(sets["train"].labels, minlength=len(label_names))
+    minority = label_names[int(np.argmin(counts))]
+    summary = {name: summary_row(row, gold, timing, minority) for name, row in rows.items()}
+    return dict(request=request, forgotten_classes=forgotten, minority_class=minority, config=asdict(config),
+                recipe=asdict(recipe),
+                sizes={k: len(v) for k, v in sets.items() if hasattr(v, "texts")}, summary=summary, details=rows,
+                timing=timing)
+
+
+def summary_row(row, gold, timing, minority):
+    """The scalar figures of one model: headline, the test recall of the ``minority`` class, the
+    request's own, representation (k-NN, CKA), relearning (mean accuracy over its curve, and its
+    gap to the retrained model's), time."""
+    out = dict(headline(row), minority_recall_test=100 * row["test"]["recall"].get(minority, float("nan")),
+               **row["request"], steps=row["steps"], seconds=row["seconds"],
+               time_ratio=row["seconds"] / timing["retrain_seconds_same_run"],
+               distance_to_retrain=gap_to(row, gold)["distance"])
+    for key, value in row.get("representation", {}).items():
+        out[key] = 100 * value if key.startswith("knn") else value
+    if "relearn_curve" in row:
+        out["relearn_accuracy"] = 100 * float(np.mean(row["relearn_curve"]))
+        out["relearn_gap"] = 100 * float(np.mean(np.abs(np.subtract(row["relearn_curve"], gold["relearn_curve"]))))
+    if "calibration" in row:
+        out["target_met"] = row["calibration"]["met"]
+    return out
+
+
+COLUMNS = [("forget_f1", "forget F1"), ("retain_f1", "retain F1"), ("test_f1", "test F1"),
+           ("forget_accuracy", "forget acc"), ("mia_loss_auc", "MIA AUC"), ("mia_svc_efficacy", "MIA eff."),
+           ("forgotten_class_recall_train", "class recall train"), ("forgotten_class_recall_test", "class recall test"),
+           ("other_classes_test_f1", "other test F1"), ("wrong_label_accuracy", "wrong-label acc"),
+           ("true_label_accuracy", "true-label acc"), ("knn_forget", "k-NN forget"), ("knn_test", "k-NN test"),
+           ("cka_forget", "CKA forget"), ("cka_test", "CKA test"), ("relearn_gap", "relearn gap"),
+           ("distance_to_retrain", "dist. to retrain"), ("steps", "steps"), ("seconds", "time s"),
+           ("time_ratio", "time / retrain")]
+THREE_PLACES = ("mia_loss_auc", "mia_svc_efficacy", "cka_forget", "cka_test", "distance_to_retrain", "time_ratio")
+
+
+def markdown_table(report, title):
+    summary = report["summary"]
+    columns = [(k, t) for k, t in COLUMNS if any(k in row for row in summary.values())]
+    lines = [f"{title}; request `{report['request']}`; sizes {report['sizes']}", "",
+             "| method | " + " | ".join(t for _, t in columns) + " |", "|---" * (len(columns) + 1) + "|"]
+    for name, row in summary.items():
+        cells = ["" if k not in row else f"{row[k]:.3f}" if k in THREE_PLACES else f"{row[k]:.1f}" for k, _ in columns]
+        lines.append(f"| {name} | " + " | ".join(cells) + " |")
+    t = report["timing"]
+    lines += ["", f"Retraining timed in this run (the same load as the methods): {t['retrain_step_seconds']:.2f} s/step "
+              f"x {t['retrain_steps']} steps = {t['retrain_seconds_same_run']:.0f} s; time / retrain divides by it. "
+              "The retrain rows' own time is their training, possibly under another load."]
+    return "\n".join(lines) + "\n"
+
+
+def plot_summary(summary, title, f):
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    names = list(summary)
+    fig, (left, right) = plt.subplots(1, 2, figsize=(12, 4.5))
+    for offset, key in ((-0.2, "forget_f1"), (0.2, "test_f1")):
+        left.bar([i + offset for i in range(len(names))], [summary[n][key] for n in names], width=0.4, label=key)
+    left.set(title=f"F1 ({title})", ylabel="macro-F1 (%)")
+    left.set_xticks(range(len(names)), names, rotation=35, ha="right")
+    left.legend()
+    for name in names:  # each model: its time beside its distance to the retrained model
+        right.scatter(summary[name]["time_ratio"], summary[name]["distance_to_retrain"])
+        right.annotate(name, (summary[name]["time_ratio"], summary[name]["distance_to_retrain"]), fontsize=8)
+    right.set(title="distance to the retrained model vs time", xlabel="time / retraining time",
+              ylabel="distance (lower is better)")
+    fig.tight_layout()
+    fig.savefig(f, format="png", dpi=110)
+    plt.close(fig)
+
+
+def write_report(out: Path, report, title):
+    atomic_write_json(out / "report.json", report)
+    atomic_write(out / "report.md", lambda f: f.write(markdown_table(report, title).encode()))
+    atomic_write(out / "report.png", lambda f: plot_summary(report["summary"], title, f))
+
+
+def finetune(data, out: Path, recipe: Recipe, progress=True):
+    """Fine-tune the recipe's base on ``data`` (a TextDataset) into ``out`` (save_pretrained,
+    with ``recipe.json`` beside the weights), atomically; returns the recipe."""
+    model, tokenizer = load_base(recipe, data.label_names)
+    model = fit(model, tokenizer, data, recipe, recipe.seed, desc="fine-tune" if progress else None).model
+
+    def save(folder):
+        save_trained(model, tokenizer, folder)
+        (folder / RECIPE_FILE).write_text(json.dumps(asdict(recipe), indent=1) + "\n")
+
+    save_model_atomically(save, out)
+    return recipe
+
+
+def run_compare(model_dir, data_path, test_path, out, forget_spec, config: UnlearnConfig, recipe: Recipe = None,
+                heldout_path=None, columns=None, second_seed=True, methods=None, progress=True):
+    """``deepcut-fast compare`` (module docstring). ``recipe``: how the model was fine-tuned
+    (default: the ``recipe.json`` that ``finetune`` saved beside it)."""
+    from deepcut_fast.unlearning.job import load_data, model_label_names, read_sets
+
+    out = Path(out)
+    if recipe is None:
+        saved = Path(model_dir) / RECIPE_FILE
+        if not saved.is_file():
+            raise FileNotFoundError(f"{model_dir} has no {RECIPE_FILE}: retraining repeats the recipe that made the "
+                                    "model; give --recipe FILE, or make the model with deepcut-fast finetune")
+        recipe = Recipe.load(saved)
+    methods = METHODS_COMPARED if methods is None else tuple(methods)
+    unknown = sorted(set(methods) - set(METHODS_COMPARED))
+    if unknown:
+        raise ValueError(f"methods {unknown} are not among {list(METHODS_COMPARED)}")
+    label_names, train, forget, retain, test = read_sets(model_dir, data_path, forget_spec, "sequence", columns, test_path)
+    if heldout_path is not None:
+        heldout = load_data(heldout_path, label_names, "sequence", columns, keep_ids=False)
+    elif test is None:
+        raise ValueError("compare measures every model on held-out data: give --test")
+    else:  # one half calibrates, the other is measured
+        heldout, test = split(test, 0.5, seed=0)
+    with claimed_folder(out):
+        model, tokenizer = load_classifier(model_dir, model_label_names(model_dir))
+        retrained = retrained_models(recipe, retain, out / "cache", second_seed, progress)
+        sets = dict(train=train, forget=forget, retain=retain, heldout=heldout, test=test)
+        report = compare_methods(model, tokenizer, sets, retrained, config, recipe, methods, progress=progress)
+        write_report(out, report, f"{Path(model_dir).name} on {Path(data_path).name}")
+    return report

@@ -1,0 +1,74 @@
+"""``deepcut-fast finetune`` and ``deepcut-fast compare`` end to end on a tiny BERT and CSV files."""
+import json
+
+import pytest
+
+from deepcut_fast.cli import main
+from deepcut_fast.unlearning.compare import METHODS_COMPARED, RECIPE_FILE, REFERENCES, Recipe
+from tiny_models import tiny_bert, toy_corpus, write_csv
+
+
+@pytest.fixture(scope="module")
+def files(tmp_path_factory, tok):
+    root = tmp_path_factory.mktemp("compare")
+    train, test = toy_corpus(), toy_corpus(per_class=12, seed=5)
+    base = tiny_bert(train.label_names, tok.vocab_size)  # the "pretrained" model the recipe starts from
+    base.save_pretrained(root / "base")
+    tok.save_pretrained(root / "base")
+    write_csv(train, root / "train.csv")
+    write_csv(test, root / "test.csv")
+    assert main(["finetune", "--data", str(root / "train.csv"), "--id-column", "id", "--out", str(root / "original"),
+                 "--base", str(root / "base"), "--epochs", "25", "--lr", "2e-3", "--max-length", "32"]) == 0
+    return root
+
+
+def test_finetune_saves_its_recipe(files):
+    recipe = Recipe.load(files / "original" / RECIPE_FILE)
+    assert recipe == Recipe(base=str(files / "base"), epochs=25, learning_rate=2e-3, max_length=32)
+
+
+def test_compare_runs_every_method_on_csv_files(files, capsys):
+    out = files / "out"
+    argv = ["compare", "--model", str(files / "original"), "--data", str(files / "train.csv"), "--id-column", "id",
+            "--test", str(files / "test.csv"), "--forget-class", "tech", "--out", str(out), "--lr", "2e-3",
+            "--steps", "8", "--budget", "1000", "--max-length", "32"]
+    assert main(argv) == 0
+    report = json.loads((out / "report.json").read_text())
+    assert list(report["summary"]) == list(REFERENCES + METHODS_COMPARED)
+    assert report["request"] == "class" and report["forgotten_classes"] == ["tech"]
+    assert report["sizes"] == dict(train=72, forget=24, retain=48, heldout=18, test=18)  # test split in halves
+    deepcut, retrain = report["summary"]["deepcut"], report["summary"]["retrain"]
+    assert retrain["forgotten_class_recall_train"] == 0.0  # retrained without the class
+    assert deepcut["target_met"] and deepcut["forgotten_class_recall_train"] <= 2.0
+    assert report["details"]["deepcut"]["calibration"]["stopped_because"] == "target met"
+    assert retrain["distance_to_retrain"] == 0 and retrain["cka_test"] == pytest.approx(1.0)
+    for row in report["summary"].values():
+        assert {"knn_forget", "knn_test", "cka_forget", "relearn_gap", "time_ratio"} <= set(row)
+    assert (out / "report.md").read_text().count("\n| ") == 1 + 11 and (out / "report.png").stat().st_size > 10_000
+    cached = sorted(p.name for p in (out / "cache").iterdir())
+    assert [name.rsplit("-", 1)[0] for name in cached] == ["retrain-seed0", "retrain-seed1"]
+    # a rerun with fewer methods reuses both retrained models
+    assert main(argv + ["--methods", "deepcut", "--one-retrain"]) == 0
+    again = json.loads((out / "report.json").read_text())
+    assert list(again["summary"]) == ["original", "retrain", "deepcut"]
+    assert again["summary"]["retrain"]["test_f1"] == pytest.approx(retrain["test_f1"])
+    assert sorted(p.name for p in (out / "cache").iterdir()) == cached
+
+
+@pytest.mark.parametrize("extra, message", [
+    (["--recipe", "{root}/missing.json"], "missing.json: no such file"),
+    (["--methods", "deepcut,magic"], "methods ['magic'] are not among"),
+])
+def test_compare_input_errors_are_one_line(files, tmp_path, capsys, extra, message):
+    argv = ["compare", "--model", str(files / "original"), "--data", str(files / "train.csv"), "--id-column", "id",
+            "--test", str(files / "test.csv"), "--forget-class", "tech", "--out", str(tmp_path / "o")]
+    capsys.readouterr()
+    assert main(argv + [e.format(root=files) for e in extra]) == 1
+    err = capsys.readouterr().err
+    assert message.format(root=files) in err and len(err.strip().splitlines()) == 1
+
+
+def test_compare_without_a_recipe_says_how_to_get_one(files, tmp_path, capsys):
+    assert main(["compare", "--model", str(files / "base"), "--data", str(files / "train.csv"), "--test",
+                 str(files / "test.csv"), "--forget-class", "tech", "--out", str(tmp_path / "o")]) == 1
+    assert "has no recipe.json" in capsys.readouterr().err
