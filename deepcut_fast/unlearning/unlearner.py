@@ -60,7 +60,8 @@ class UnlearnConfig:
     forget_pull: str = "logsumexp"
     forget_weight: float = 1.0
     retain_weight: float = 1.0
-    embedding: str = "auto"  # "auto": token for token data, last for decoder-only models, else cls
+    # None: the request's; "auto": token for token data, last for decoder-only models, else cls
+    embedding: Optional[str] = None
     layer: int = -1
     learning_rate: Optional[float] = None
     steps: Optional[int] = None
@@ -102,7 +103,8 @@ class UnlearnConfig:
 
         for name, choices in (("embedding", EMBEDDINGS), ("forget_pull", FORGET_PULLS), ("backend", BACKENDS),
                               ("precision", tuple(PRECISIONS)), ("request", REQUESTS)):
-            if getattr(self, name) not in choices:
+            if getattr(self, name) not in choices and not (name in REQUEST_SETTINGS["sample"] and
+                                                           getattr(self, name) is None):
                 fail(name, f"must be one of {choices}")
         if self.steps is None and self.epochs is None and not self.calibrate:
             raise ConfigError("steps", "give steps or epochs: without calibration nothing else ends the run")
