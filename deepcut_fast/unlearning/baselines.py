@@ -148,9 +148,9 @@ SALUN_SHARE = 0.5  # of the weights, those with the largest forget-loss gradient
 
 
 def saliency_mask(model, tokenizer, forget, config, batch_size=32):
-    """SalUn's weight saliency: {parameter: bool mask} of the SALUN_SHARE of all trainable
-    weights with the largest |gradient| of the cross-entropy over the whole forget set (fewer
-    when more than half the gradients are 0)."""
+    """SalUn's weight saliency: {parameter: bool mask} of the SALUN_SHARE of the trainable
+    weights that the cross-entropy over the whole forget set reaches (non-zero gradient), those
+    with the largest |gradient|."""
     params = {n: p for n, p in model.named_parameters() if p.requires_grad}
     model.zero_grad(set_to_none=True)
     device = next(model.parameters()).device
@@ -162,8 +162,10 @@ def saliency_mask(model, tokenizer, forget, config, batch_size=32):
         (cross_entropy(model(**inputs).logits, targets, reduction="sum") / len(forget)).backward()
     model.train(was_training)
     magnitudes = torch.cat([p.grad.abs().flatten() for p in params.values() if p.grad is not None])
-    threshold = torch.quantile(magnitudes.float()[::max(1, magnitudes.numel() // 10_000_000)], 1 - SALUN_SHARE)
-    # strictly above: a weight whose gradient is 0 (an unused token's embedding) is never salient
+    # the share is of the weights the forget loss reaches: in a language model most of the
+    # vocabulary's embeddings get no gradient, and would otherwise make the mask everything else
+    reached = magnitudes[magnitudes > 0].float()
+    threshold = torch.quantile(reached[::max(1, reached.numel() // 10_000_000)], 1 - SALUN_SHARE)
     masks = {n: (p.grad.abs() > threshold) if p.grad is not None else torch.zeros_like(p, dtype=torch.bool)
              for n, p in params.items()}
     model.zero_grad(set_to_none=True)
