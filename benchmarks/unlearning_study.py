@@ -79,8 +79,8 @@ def markdown(study):
                   "| method | " + " | ".join(keys) + " |", "|---" * (len(keys) + 1) + "|"]
         for method, row in stats.items():
             lines.append(f"| {method} | " + " | ".join(
-                f"{m:.3f} ± {s:.3f}" if k in THREE_PLACES else f"{m:.1f} ± {s:.1f}"
-                for k, (m, s) in ((k, row[k]) for k in keys)) + " |")
+                "" if k not in row else f"{row[k][0]:.3f} ± {row[k][1]:.3f}" if k in THREE_PLACES
+                else f"{row[k][0]:.1f} ± {row[k][1]:.1f}" for k in keys) + " |")
         lines += ["", "| DeepCUT target | value | limit | met |", "|---|---|---|---|"]
         lines += [f"| {name} | {v:.3f} | {limit:.3f} | {'yes' if ok else 'NO'} |"
                   for name, (v, limit, ok) in entry["targets"].items()]
