@@ -32,7 +32,8 @@ from deepcut_fast.unlearning.data import read_text, split
 from deepcut_fast.unlearning.evaluation import (Predictions, classification_metrics, gap_to, headline, predict_sets,
                                                 report_from_predictions)
 from deepcut_fast.unlearning.files import atomic_write, atomic_write_json, claimed_folder, save_model_atomically
-from deepcut_fast.unlearning.model import default_model_path, load_classifier, quiet_loading, save_trained
+from deepcut_fast.unlearning.model import (default_model_path, is_decoder_only, load_classifier, quiet_loading,
+                                          save_trained)
 from deepcut_fast.unlearning.probes import reference_embeddings, relearn_curve, representation_figures
 from deepcut_fast.unlearning.unlearner import UnlearnConfig, steps_for
 
@@ -176,7 +177,8 @@ def compare_methods(original, tokenizer, sets, retrained, config: UnlearnConfig,
     forget, retain, test = sets["forget"], sets["retain"], sets["test"]
     label_names = sets["train"].label_names
     request = request_kind(config.request, forget, retain)
-    config = config.for_request(request)  # every method: the same settings, target, guard and budget
+    # every method: the same settings, target, guard and budget
+    config = config.for_request(request, is_decoder_only(original))
     forgotten = [label_names[c] for c in sorted(set(forget.labels) - set(retain.labels))] if request == "class" else []
     probed = dict(forget=forget, retain=retain, test=test)
     probes = probes and not forget.token_level

@@ -31,8 +31,8 @@ from deepcut_fast.unlearning.evaluation import classification_metrics, evaluate,
 from deepcut_fast.unlearning.calibration import request_kind
 from deepcut_fast.unlearning.data import forget_indices, load_table, load_token_table
 from deepcut_fast.unlearning.files import atomic_write_json, claimed_folder, save_model_atomically
-from deepcut_fast.unlearning.model import (adapter_base_path, is_adapter, load_classifier, resolve_embedding,
-                                          save_trained)
+from deepcut_fast.unlearning.model import (adapter_base_path, is_adapter, is_decoder_only, load_classifier,
+                                          resolve_embedding, save_trained)
 from deepcut_fast.unlearning.unlearner import (CHECKPOINT_EVERY, Checkpoint, CheckpointError, DeepCUTUnlearner,
                                               UnlearnConfig, fingerprint_differences)
 
@@ -174,7 +174,8 @@ def run_unlearn_job(model_dir, data_path, out, config: UnlearnConfig, forget_spe
     label_names, train, forget, retain, test = read_sets(model_dir, data_path, forget_spec, task, columns, test_path,
                                                      config.layer)
     heldout = test if heldout_path is None else load_data(heldout_path, label_names, task, columns, keep_ids=False)
-    config = config.for_request(request_kind(config.request, forget, retain))  # settings as the run takes them
+    # the settings as the run will take them (the fingerprint and the report show these)
+    config = config.for_request(request_kind(config.request, forget, retain), is_decoder_only(model_config(model_dir)))
     fingerprint = run_fingerprint(model_dir, train, forget, config, task, merge)
     if heldout is not None:
         fingerprint["heldout"] = _digest(heldout.texts, heldout.labels)

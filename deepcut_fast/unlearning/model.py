@@ -21,11 +21,12 @@ def transformers_model(model):
 
 
 def is_decoder_only(model) -> bool:
-    """A decoder-only (causal) language model, e.g. GPT-2 or Llama, as opposed to an encoder."""
+    """A decoder-only (causal) language model, e.g. GPT-2 or Llama, as opposed to an encoder
+    (``model``: the model, or its transformers config)."""
     from transformers.models.auto.modeling_auto import (MODEL_FOR_CAUSAL_LM_MAPPING_NAMES,
                                                         MODEL_FOR_MASKED_LM_MAPPING_NAMES)
 
-    kind = transformers_model(model).config.model_type
+    kind = transformers_model(model).config.model_type if hasattr(model, "parameters") else model.model_type
     return kind in MODEL_FOR_CAUSAL_LM_MAPPING_NAMES and kind not in MODEL_FOR_MASKED_LM_MAPPING_NAMES
 
 

@@ -23,7 +23,8 @@ from deepcut_fast.unlearning.calibration import (REQUEST_SETTINGS, REQUESTS, Cal
                                                   probe_seconds, request_kind, steps_per_epoch)
 from deepcut_fast.unlearning.data import TextDataset
 from deepcut_fast.unlearning.files import atomic_write, fault_point
-from deepcut_fast.unlearning.model import EMBEDDINGS, embed, encode_labelled, resolve_embedding, set_activation_checkpointing
+from deepcut_fast.unlearning.model import (EMBEDDINGS, embed, encode_labelled, is_decoder_only, resolve_embedding,
+                                          set_activation_checkpointing)
 
 
 def steps_for(epochs, size, batch_size):
@@ -49,7 +50,7 @@ class UnlearnConfig:
 
     By default the run calibrates itself (``calibrate``, docs in ``calibration``): it finds what
     the request is (``request``: "auto", or "class" / "sample" / "mislabelled"), takes that
-    request's settings for ``gamma``, ``views`` and ``learning_rate`` where they are None, and
+    request's ``gamma``, ``views``, ``learning_rate`` and ``embedding`` where they are None, and
     runs until the forget set looks as it would to a retrained model, under a utility guard and
     a time budget of ``budget`` retraining epochs; ``steps`` (or ``epochs``) then only caps it.
     With ``calibrate=False`` it runs ``steps`` (``epochs``: passes over the forget set), or
@@ -136,9 +137,12 @@ class UnlearnConfig:
             raise ConfigError("stop_retain_drop", "stop_retain_drop needs stop_forget_accuracy: it only delays "
                               "the stop that the forget accuracy triggers")
 
-    def for_request(self, kind):
-        """This config with the settings of request ``kind`` wherever they are None."""
-        return replace(self, **{k: v for k, v in REQUEST_SETTINGS[kind].items() if getattr(self, k) is None})
+    def for_request(self, kind, decoder_only=False):
+        """This config with the settings of request ``kind`` wherever they are None. The
+        embedding chosen per request was tuned on an encoder; a decoder-only model keeps "auto"
+        (the last token, which it pools)."""
+        settings = dict(REQUEST_SETTINGS[kind], **({"embedding": "auto"} if decoder_only else {}))
+        return replace(self, **{k: v for k, v in settings.items() if getattr(self, k) is None})
 
     def total_steps(self, forget_size, retain_size):
         """The run's steps (a cap when calibrating: without steps or epochs, as many as ``budget``
@@ -521,7 +525,7 @@ class DeepCUTUnlearner:
     def settings_for(self, forget: TextDataset, retain: TextDataset):
         """(request kind, the config with that request's settings) that ``unlearn`` will use."""
         kind = request_kind(self.config.request, forget, retain)
-        return kind, self.config.for_request(kind)
+        return kind, self.config.for_request(kind, is_decoder_only(self.model))
 
     def unlearn(self, forget: TextDataset, retain: TextDataset, progress=True,
                 checkpoint: Optional[Checkpoint] = None, heldout: Optional[TextDataset] = None) -> UnlearnResult:
