@@ -82,7 +82,7 @@ def gradient_difference(model, tokenizer, forget, retain, config, progress=True,
                        calibrator=_calibrator(tokenizer, forget, retain, heldout, config))
 
 
-def random_relabel(model, tokenizer, forget, retain, config, progress=True, heldout=None):
+def random_relabel(model, tokenizer, forget, retain, config, progress=True, heldout=None, desc="random relabel"):
     """Train on the forget samples with random wrong labels, and on the retain set."""
     generator = torch.Generator().manual_seed(config.seed)
     classes = transformers_model(model).config.num_labels
@@ -91,7 +91,7 @@ def random_relabel(model, tokenizer, forget, retain, config, progress=True, held
         ce = cross_entropy(model(**inputs).logits, _wrong_labels(labels, forget_mask, classes, generator))
         return ce, {"ce": ce.detach()}
 
-    return train_steps(model, tokenizer, forget, retain, config, step, progress=progress, desc="random relabel",
+    return train_steps(model, tokenizer, forget, retain, config, step, progress=progress, desc=desc,
                        calibrator=_calibrator(tokenizer, forget, retain, heldout, config))
 
 
@@ -179,16 +179,8 @@ def salun(model, tokenizer, forget, retain, config, progress=True, heldout=None)
     masks = saliency_mask(model, tokenizer, forget, config)
     hooks = [p.register_hook(lambda grad, mask=masks[n]: grad * mask)
              for n, p in model.named_parameters() if n in masks]
-    generator = torch.Generator().manual_seed(config.seed)
-    classes = transformers_model(model).config.num_labels
-
-    def step(model, inputs, labels, forget_mask):
-        ce = cross_entropy(model(**inputs).logits, _wrong_labels(labels, forget_mask, classes, generator))
-        return ce, {"ce": ce.detach()}
-
     try:
-        return train_steps(model, tokenizer, forget, retain, config, step, progress=progress, desc="SalUn",
-                           calibrator=_calibrator(tokenizer, forget, retain, heldout, config))
+        return random_relabel(model, tokenizer, forget, retain, config, progress, heldout, desc="SalUn")
     finally:
         for hook in hooks:
             hook.remove()
