@@ -4,7 +4,10 @@
   original, run DeepCUT and the baselines, compare with retraining; writes report.json,
   report.md and report.png.
 - ``deepcut-fast unlearn``: DeepCUT on your own fine-tuned model and data; saves the
-  unlearned model (save_pretrained) and a report; an interrupted run resumes.
+  unlearned model (save_pretrained), a report and an audit record; an interrupted run resumes;
+  ``--previous RUN`` applies a further request to an earlier run's model.
+- ``deepcut-fast audit``: verify the chained record of a run's deletion requests (and that the
+  model still matches it) and print it.
 - ``deepcut-fast evaluate``: a model's utility and membership figures on the forget, retain
   and test sets, and their gaps to a reference (e.g. retrained) model.
 - ``deepcut-fast finetune``: fine-tune a pretrained model on your data, saving the recipe
@@ -149,17 +152,36 @@ def unlearn(args):
     spec, columns = _data_options(args)
     report = run_unlearn_job(args.model, args.data, args.out, config, spec, test_path=args.test, columns=columns,
                              checkpoint_every=args.checkpoint_every, task=args.task, restart=args.restart,
-                             device=args.device, merge=args.merge, heldout_path=args.heldout)
+                             device=args.device, merge=args.merge, heldout_path=args.heldout,
+                             previous=args.previous, request_id=args.request_id, reference_dir=args.reference)
     if report is None:  # a rank other than 0 of a distributed run
         return 0
     forget_acc = report["metrics"]["forget"]["accuracy"]
     print(f"unlearned {report['sizes']['forget']} samples in {len(report['history'])} steps; "
-          f"forget accuracy {100 * forget_acc:.1f}%; wrote {args.out}/model and {args.out}/report.json")
+          f"forget accuracy {100 * forget_acc:.1f}%; wrote {args.out}/model, report.json and audit.jsonl")
+    if len(report["requests"]) > 1:
+        print("forget accuracy per request: " + ", ".join(
+            f"{name} {100 * m['accuracy']:.1f}%" for name, m in report["metrics"]["requests"].items()))
     calibration = report.get("calibration")
     if calibration:
         verdict = "met" if calibration["met"] else "not met" if calibration["measured"] else "not measured"
         print(f"request: {calibration['request']}; target {verdict} ({calibration['aim']}); "
               f"stopped: {calibration['stopped_because']}")
+    return 0
+
+
+def audit(args):
+    from deepcut_fast.unlearning.audit import verify
+
+    records = verify(args.run, head=args.head)
+    print(f"{'#':>3} {'request':<16} {'started':<20} {'forgotten':>9} {'target':<7} {'forget accuracy per request'}")
+    for record in records:
+        met = {True: "met", False: "missed", None: "-"}[record.get("target_met")]
+        accuracy = ", ".join(f"{name} {100 * value:.1f}%"
+                             for name, value in record.get("figures", {}).get("forget_accuracy", {}).items())
+        print(f"{record['index']:>3} {str(record.get('request')):<16} {str(record.get('started')):<20} "
+              f"{record.get('forgotten_size', '?'):>9} {met:<7} {accuracy}")
+    print(f"chain verified: {len(records)} records; the model matches the last one; head {records[-1]['hash']}")
     return 0
 
 
@@ -300,8 +322,15 @@ def build_parser():
     d.add_argument("--quick", action="store_true", help="300 documents and a few steps: a smoke test")
     d.set_defaults(func=demo)
     u = sub.add_parser("unlearn", parents=[common], help="DeepCUT on your fine-tuned model and data")
-    u.add_argument("--model", required=True, help="directory of a fine-tuned transformers classifier")
+    start = u.add_mutually_exclusive_group(required=True)
+    start.add_argument("--model", help="directory of a fine-tuned transformers classifier")
+    start.add_argument("--previous", help="folder of an earlier unlearn run: apply this request to its model; "
+                       "its requests' samples stay forgotten and are measured again")
     u.add_argument("--out", required=True, help="output folder; rerun with the same one to resume")
+    u.add_argument("--request-id", default=None,
+                   help="name of this request in the report and audit record (default: request-<n>)")
+    u.add_argument("--reference", default=None, help="a model retrained without every forgotten sample: its "
+                   "distance goes into the report and the audit record (needs --test)")
     _add_data_arguments(u)
     _add_config_options(u, CONFIG_OPTIONS, _config_default)
     u.add_argument("--heldout", default=None, help="held-out data that sets the calibrated target and guard "
@@ -343,6 +372,10 @@ def build_parser():
     _add_data_arguments(c)
     _add_config_options(c, CONFIG_OPTIONS, _config_default)
     c.set_defaults(func=compare)
+    a = sub.add_parser("audit", parents=[common], help="verify and print the audit record of an unlearn run")
+    a.add_argument("run", help="the output folder of an unlearn run")
+    a.add_argument("--head", default=None, help="the hash the last record must have (kept outside the run folder)")
+    a.set_defaults(func=audit)
     e = sub.add_parser("evaluate", parents=[common],
                        help="forget / retain / test figures of a model, and gaps to a reference")
     e.add_argument("--model", required=True, help="directory of the model to evaluate")

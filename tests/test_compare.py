@@ -5,7 +5,8 @@ import pytest
 
 from deepcut_fast.cli import main
 from deepcut_fast.unlearning.compare import METHODS_COMPARED, RECIPE_FILE, REFERENCES, Recipe
-from tiny_models import tiny_bert, toy_corpus, write_csv
+from deepcut_fast.unlearning.data import write_table
+from tiny_models import tiny_bert, toy_corpus
 
 
 @pytest.fixture(scope="module")
@@ -15,8 +16,8 @@ def files(tmp_path_factory, tok):
     base = tiny_bert(train.label_names, tok.vocab_size)  # the "pretrained" model the recipe starts from
     base.save_pretrained(root / "base")
     tok.save_pretrained(root / "base")
-    write_csv(train, root / "train.csv")
-    write_csv(test, root / "test.csv")
+    write_table(train, root / "train.csv")
+    write_table(test, root / "test.csv")
     assert main(["finetune", "--data", str(root / "train.csv"), "--id-column", "id", "--out", str(root / "original"),
                  "--base", str(root / "base"), "--epochs", "25", "--lr", "2e-3", "--max-length", "32"]) == 0
     return root

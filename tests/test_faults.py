@@ -11,12 +11,13 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
+from deepcut_fast.unlearning.audit import verify
 from deepcut_fast.unlearning.files import FAULT_VARIABLE
 from tiny_models import save_toy_job
 
 # training (after the checkpoint of step 2), the first checkpoint write, the final model save,
-# and the final report write
-KILL_POINTS = ["step:3", "write:checkpoint.pt", "save:model", "write:report.json"]
+# the final report write and the audit record's
+KILL_POINTS = ["step:3", "write:checkpoint.pt", "save:model", "write:report.json", "write:audit.jsonl"]
 
 
 @pytest.fixture(scope="module")
@@ -75,3 +76,4 @@ def test_killed_job_resumes_to_the_same_weights(job, tmp_path, uninterrupted, po
         assert torch.equal(mine[name], tensor), name
     report = json.loads((out / "report.json").read_text())
     assert [r["step"] for r in report["history"]] == list(range(1, 7))
+    assert [r["hash"] for r in verify(out)] == [report["audit"]["hash"]]  # one record, matching the model

@@ -7,10 +7,10 @@ import torch
 
 from deepcut_fast.cli import main
 from deepcut_fast.unlearning import baselines
-from deepcut_fast.unlearning.data import forget_indices
+from deepcut_fast.unlearning.data import forget_indices, write_table
 from deepcut_fast.unlearning.model import embed, encode, load_classifier, save_trained, set_activation_checkpointing
 from deepcut_fast.unlearning.unlearner import DeepCUTUnlearner, UnlearnConfig, accuracy, deepcut_loss
-from tiny_models import fine_tune, tiny_bert, tiny_decoder, tokenizer, toy_corpus, write_csv
+from tiny_models import fine_tune, tiny_bert, tiny_decoder, tokenizer, toy_corpus
 
 try:
     import peft
@@ -69,7 +69,7 @@ def test_deepcut_forgets_a_class_of_a_decoder_classifier(tok, data, kind):
 def test_unlearn_command_on_a_decoder_classifier(tok, data, tmp_path):
     model = fine_tune(tiny_decoder("gpt2", data.label_names, tok.vocab_size, tok.pad_token_id), tok, data, steps=80)
     save(model, tok, tmp_path / "gpt2")
-    assert main(["unlearn", "--model", str(tmp_path / "gpt2"), "--data", str(write_csv(data, tmp_path / "t.csv")),
+    assert main(["unlearn", "--model", str(tmp_path / "gpt2"), "--data", str(write_table(data, tmp_path / "t.csv")),
                  "--forget-class", "tech", "--out", str(tmp_path / "out"), "--steps", "20", "--no-calibrate", "--lr", "2e-3",
                  "--max-length", "32"]) == 0
     report = json.loads((tmp_path / "out" / "report.json").read_text())
@@ -119,7 +119,7 @@ def test_deepcut_on_an_adapter_trains_only_the_adapter(tok, data, adapter):
 
 @needs_peft
 def test_unlearn_command_saves_an_adapter_that_reloads_and_predicts_the_same(tok, data, adapter, tmp_path):
-    csv_path = write_csv(data, tmp_path / "train.csv")
+    csv_path = write_table(data, tmp_path / "train.csv")
     common = ["--data", str(csv_path), "--id-column", "id", "--forget-class", "tech", "--steps", "10",
               "--lr", "5e-3", "--max-length", "32", "--no-calibrate"]
     assert main(["unlearn", "--model", str(adapter / "adapter"), "--out", str(tmp_path / "out")] + common) == 0

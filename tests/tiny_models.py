@@ -4,7 +4,7 @@ import random
 
 import torch
 
-from deepcut_fast.unlearning.data import TextDataset
+from deepcut_fast.unlearning.data import TextDataset, write_table
 from deepcut_fast.unlearning.model import default_model_path
 
 WORDS = {"business": ["market", "shares", "profit", "bank", "economy", "trade"],
@@ -85,17 +85,6 @@ def toy_ner_corpus(sentences=48, seed=0, people=PEOPLE, places=PLACES):
     return TextDataset(ids, texts, labels, names)
 
 
-def write_csv(data, path):
-    """A TextDataset as a CSV file (id, text, label name), as a user's data file looks."""
-    import csv
-
-    with open(path, "w", newline="") as f:
-        writer = csv.writer(f)
-        writer.writerow(["id", "text", "label"])
-        writer.writerows(zip(data.ids, data.texts, [data.label_names[y] for y in data.labels]))
-    return path
-
-
 def save_toy_job(root):
     """A tiny BERT fine-tuned on the toy corpus, saved with its tokenizer in ``root/model``, and
     the corpus as ``root/train.csv`` (id, text, label name): the inputs of a CLI job."""
@@ -104,7 +93,7 @@ def save_toy_job(root):
     model = fine_tune(tiny_bert(data.label_names, tok.vocab_size), tok, data)
     model.save_pretrained(root / "model")
     tok.save_pretrained(root / "model")
-    write_csv(data, root / "train.csv")
+    write_table(data, root / "train.csv")
     return root
 
 

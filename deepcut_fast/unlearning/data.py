@@ -279,6 +279,19 @@ def _as_bool(value, column):
     raise ValueError(f"column {column!r} must hold booleans (true/false, 1/0, yes/no), found {value!r}")
 
 
+def write_table(data: TextDataset, path):
+    """A sequence TextDataset as a CSV file with the columns id, text and label (the class name),
+    as ``load_table(path, id_column="id")`` reads it back; written atomically."""
+    from deepcut_fast.unlearning.files import atomic_write
+
+    text = io.StringIO()
+    writer = csv.writer(text)
+    writer.writerow(["id", "text", "label"])
+    writer.writerows(zip(data.ids, data.texts, [data.label_names[y] for y in data.labels]))
+    atomic_write(Path(path), lambda f: f.write(text.getvalue().encode()))
+    return path
+
+
 def forget_indices(train: TextDataset, *, ids: Optional[Iterable[str]] = None, ids_file=None,
                    column: Optional[str] = None, forget_class: Optional[str] = None) -> list:
     """Positions in ``train`` of the forget set, given in exactly one way: ``ids`` (row ids),
