@@ -1,8 +1,8 @@
 """Deletion requests in sequence: several requests, each applied to the model the last one left.
 
     python -m benchmarks.sequential_study --out benchmarks/results/sequential-study \
-        --cache runs/study-cache [--corpora bbc_news rotten_tomatoes] [--seeds 0 1 2] \
-        [--requests 5] [--fraction 0.02]
+        --work runs/sequential-study --cache runs/study-cache [--corpora bbc_news rotten_tomatoes] \
+        [--seeds 0 1 2] [--requests 5] [--fraction 0.02]
 
 For each corpus and training seed: the demo's original model (fine-tuned on the fixed training
 split, cached), then ``--requests`` disjoint random requests of ``--fraction`` of the training set
@@ -11,9 +11,10 @@ each (the same documents for every seed), each one a default ``deepcut-fast unle
 on the other half). After request k the unlearned model is compared with a model retrained without
 requests 1..k (the demo's recipe and seed, cached): accuracy on each earlier request's documents
 (forgetting must not be reversed), test macro-F1, and time against retraining timed right after
-the request. The chain of each sequence is verified with ``audit``. ``study.json`` and
-``study.md`` hold the figures per request (mean and sd over seeds) and the targets; each run
-folder is a normal unlearn output, so a rerun resumes where it stopped.
+the request. The chain of each sequence is verified with ``audit``. The run folders (data files,
+models) live in ``--work``: each is a normal unlearn output, so a rerun resumes where it stopped.
+``--out`` receives ``study.json`` and ``study.md`` (the figures per request, mean and sd over
+seeds, and the targets), every sequence's figures and its verified ``audit.jsonl``.
 """
 import argparse
 import math
@@ -22,13 +23,14 @@ from pathlib import Path
 
 import numpy as np
 
-from deepcut_fast.unlearning.audit import verify
+from deepcut_fast.unlearning.audit import verify, write_chain
 from deepcut_fast.unlearning.compare import retrain_time_same_run
 from deepcut_fast.unlearning.data import CORPORA, write_table
 from deepcut_fast.unlearning.demo import DemoOptions, cache_name, prepare_data, train_original, train_retrained
 from deepcut_fast.unlearning.evaluation import classification_metrics, predict
 from deepcut_fast.unlearning.files import atomic_write, atomic_write_json
 from deepcut_fast.unlearning.job import run_unlearn_job
+from deepcut_fast.unlearning.model import load_classifier
 from deepcut_fast.unlearning.unlearner import UnlearnConfig
 
 
@@ -85,8 +87,6 @@ def run_sequence(corpus, seed, out: Path, cache: Path, count, fraction):
             row[f"{name}_forget_acc"] = [100 * accuracy_on(model, tokenizer, s, opts.max_length) for s in sets]
         earlier = train.subset(sorted(set(forgotten) - set(positions))) if k > 1 else None
         if earlier is not None:  # every earlier request together: the reversal check's sample
-            from deepcut_fast.unlearning.model import load_classifier
-
             unlearned, _ = load_classifier(run / "model", train.label_names)
             row.update(unlearned_earlier_acc=100 * accuracy_on(unlearned, tokenizer, earlier, opts.max_length),
                        retrained_earlier_acc=100 * accuracy_on(retrained, tokenizer, earlier, opts.max_length),
@@ -95,8 +95,8 @@ def run_sequence(corpus, seed, out: Path, cache: Path, count, fraction):
         rows.append(row)
         previous = run
         print(f"{corpus} seed {seed} request {k}: {row}", flush=True)
-    verify(previous)
-    return rows
+    records = verify(previous)
+    return rows, records
 
 
 def summarise(sequences):
@@ -158,17 +158,23 @@ def markdown(study):
 def main(argv=None):
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--out", default="benchmarks/results/sequential-study")
+    parser.add_argument("--work", default="runs/sequential-study", help="the run folders")
     parser.add_argument("--cache", default="runs/study-cache")
     parser.add_argument("--corpora", nargs="+", choices=sorted(CORPORA), default=["bbc_news", "rotten_tomatoes"])
     parser.add_argument("--seeds", nargs="+", type=int, default=[0, 1, 2])
     parser.add_argument("--requests", type=int, default=5)
     parser.add_argument("--fraction", type=float, default=0.02)
     args = parser.parse_args(argv)
-    out, cache = Path(args.out), Path(args.cache)
+    out, work, cache = Path(args.out), Path(args.work), Path(args.cache)
     study = {}
     for corpus in args.corpora:
-        sequences = [run_sequence(corpus, seed, out / corpus / f"seed{seed}", cache, args.requests, args.fraction)
-                     for seed in args.seeds]
+        sequences = []
+        for seed in args.seeds:
+            rows, records = run_sequence(corpus, seed, work / corpus / f"seed{seed}", cache, args.requests,
+                                         args.fraction)
+            sequences.append(rows)
+            (out / corpus / f"seed{seed}").mkdir(parents=True, exist_ok=True)
+            write_chain(out / corpus / f"seed{seed}", records)  # the verified record, as evidence
         atomic_write_json(out / corpus / "sequences.json", dict(seeds=args.seeds, sequences=sequences))
         study[corpus] = dict(seeds=args.seeds, requests=args.requests, fraction=args.fraction,
                              forgotten=[r["forgotten"] for r in sequences[0]], summary=summarise(sequences))
