@@ -188,13 +188,16 @@ def compare_methods(original, tokenizer, sets, retrained, config: UnlearnConfig,
     rows = {}
 
     def record(name, model, seconds, steps=0, calibration=None):
-        preds = predict_sets(model, tokenizer, forget, retain, test, max_length=config.max_length)
+        # one pass per set gives the logits and, for the probes, the embeddings
+        preds = predict_sets(model, tokenizer, forget, retain, test, max_length=config.max_length,
+                             embedding=config.embedding if probes else None)
         row = report_from_predictions(preds, label_names)
         row.update(seconds=seconds, steps=steps,
                    request=request_figures(request, preds, sets, label_names, forgotten, true_labels))
         if probes:
             row["representation"] = representation_figures(model, tokenizer, probed, reference, config.embedding,
-                                                           config.max_length)
+                                                           config.max_length,
+                                                           own={name: p.embeddings for name, p in preds.items()})
             row["relearn_curve"] = relearn_curve(model, tokenizer, forget, max_length=config.max_length)
         if calibration is not None:
             row["calibration"] = {k: v for k, v in calibration.items() if k != "checks"}

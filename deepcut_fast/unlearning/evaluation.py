@@ -14,12 +14,13 @@
 - the gap of each figure to a reference model's (the retrained one, the gold standard).
 """
 from dataclasses import dataclass
+from typing import Optional
 
 import numpy as np
 import torch
 import torch.nn.functional as F
 
-from deepcut_fast.unlearning.model import encode, encode_words
+from deepcut_fast.unlearning.model import embed, encode, encode_words, resolve_embedding
 
 SETS = ("forget", "retain", "test")
 
@@ -37,6 +38,7 @@ class Predictions:
     """Sequence classification: one prediction per sample."""
     labels: np.ndarray  # true class ids
     probs: np.ndarray  # softmax probabilities [n, classes]
+    embeddings: Optional[np.ndarray] = None  # [n, hidden] float32, when asked for (same pass)
 
     @property
     def predicted(self):
@@ -72,18 +74,24 @@ class TokenPredictions:
 
 
 @torch.no_grad()
-def predict(model, tokenizer, data, batch_size=64, max_length=96):
+def predict(model, tokenizer, data, batch_size=64, max_length=96, embedding=None, layer=-1):
     """Predictions of ``data`` (a TextDataset) with dropout off: Predictions for texts,
-    TokenPredictions for word lists (words cut off by ``max_length`` are not scored)."""
+    TokenPredictions for word lists (words cut off by ``max_length`` are not scored).
+    ``embedding`` (texts; a kind of UnlearnConfig.embedding, "auto" resolved for the model): the
+    same forward pass also returns that embedding of the hidden ``layer``."""
     was_training = model.training
     model.eval()
     device = next(model.parameters()).device
-    probs, labels = [], []
+    kind = None if embedding is None or data.token_level else resolve_embedding(embedding, model, False)
+    probs, labels, embeddings = [], [], []
     for start in range(0, len(data), batch_size):
         texts = data.texts[start:start + batch_size]
         if not data.token_level:
-            logits = model(**encode(tokenizer, texts, max_length, device)).logits
-            probs.append(F.softmax(logits.float(), -1).cpu().numpy())
+            inputs = encode(tokenizer, texts, max_length, device)
+            outputs = model(**inputs, output_hidden_states=kind is not None)
+            probs.append(F.softmax(outputs.logits.float(), -1).cpu().numpy())
+            if kind is not None:
+                embeddings.append(embed(model, outputs, inputs["attention_mask"], kind, layer).float().cpu().numpy())
             continue
         inputs, positions = encode_words(tokenizer, texts, max_length, device)
         batch_probs = F.softmax(model(**inputs).logits.float(), -1).cpu().numpy()
@@ -93,7 +101,8 @@ def predict(model, tokenizer, data, batch_size=64, max_length=96):
     model.train(was_training)
     if data.token_level:
         return TokenPredictions(labels, probs)
-    return Predictions(np.asarray(data.labels), np.concatenate(probs) if probs else np.zeros((0, 0)))
+    return Predictions(np.asarray(data.labels), np.concatenate(probs) if probs else np.zeros((0, 0)),
+                       None if kind is None else np.concatenate(embeddings) if embeddings else np.zeros((0, 0), np.float32))
 
 
 def entity_metrics(p: TokenPredictions, label_names):

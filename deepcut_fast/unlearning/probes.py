@@ -22,28 +22,17 @@ import torch
 import torch.nn.functional as F
 
 from deepcut_fast.unlearning.evaluation import SETS, classification_metrics, predict
-from deepcut_fast.unlearning.model import embed, encode, encode_labelled, resolve_embedding
+from deepcut_fast.unlearning.model import encode_labelled
 
 KNN_NEIGHBOURS = 5
 RELEARN_SHARE, RELEARN_MIN, RELEARN_MAX = 0.1, 4, 64  # of the forget set: the samples relearnt
 RELEARN_STEPS, RELEARN_LR, RELEARN_EVAL = 10, 5e-5, 256
 
 
-@torch.no_grad()
-def embeddings(model, tokenizer, data, embedding="auto", layer=-1, max_length=96, batch_size=64) -> np.ndarray:
+def embeddings(model, tokenizer, data, embedding="auto", layer=-1, max_length=96) -> np.ndarray:
     """[n, hidden] float32 embeddings of a text dataset with dropout off (``embedding`` as in
     UnlearnConfig; "auto" resolved for the model)."""
-    kind = resolve_embedding(embedding, model, False)
-    was_training = model.training
-    model.eval()
-    device = next(model.parameters()).device
-    rows = []
-    for start in range(0, len(data), batch_size):
-        inputs = encode(tokenizer, data.texts[start:start + batch_size], max_length, device)
-        outputs = model(**inputs, output_hidden_states=True)
-        rows.append(embed(model, outputs, inputs["attention_mask"], kind, layer).float().cpu().numpy())
-    model.train(was_training)
-    return np.concatenate(rows) if rows else np.zeros((0, 0), dtype=np.float32)
+    return predict(model, tokenizer, data, max_length=max_length, embedding=embedding, layer=layer).embeddings
 
 
 def _unit(x):
@@ -78,11 +67,12 @@ def linear_cka(x, y):
     return float(cross / (np.linalg.norm(x.T @ x) * np.linalg.norm(y.T @ y)))
 
 
-def representation_figures(model, tokenizer, sets, reference=None, embedding="auto", max_length=96):
+def representation_figures(model, tokenizer, sets, reference=None, embedding="auto", max_length=96, own=None):
     """{"knn_<set>": k-NN accuracy of each of ``sets`` ({"forget", "retain", "test"} datasets)
     and, with ``reference`` (a model, or its ``reference_embeddings``), "cka_forget" and
-    "cka_test": linear CKA between the two models' embeddings of those sets}."""
-    mine = {name: embeddings(model, tokenizer, sets[name], embedding, max_length=max_length) for name in SETS}
+    "cka_test": linear CKA between the two models' embeddings of those sets}. ``own``: the
+    model's embeddings of the sets when they are at hand (``predict(..., embedding=)``)."""
+    mine = own or {name: embeddings(model, tokenizer, sets[name], embedding, max_length=max_length) for name in SETS}
     memory, memory_labels = mine["retain"], sets["retain"].labels
     out = {f"knn_{name}": knn_accuracy(mine[name], sets[name].labels, memory, memory_labels,
                                        leave_self_out=name == "retain") for name in SETS}
