@@ -30,6 +30,7 @@ setup(
     python_requires=">=3.9",
     packages=["deepcut_fast", "deepcut_fast.kernels", "deepcut_fast.unlearning"],
     package_dir={"deepcut_fast": "deepcut_fast", "deepcut_fast.kernels": "kernels"},
+    package_data={"deepcut_fast.kernels": ["prechosen.json"]},
     ext_modules=[extension()],
     cmdclass={"build_ext": BuildExtension},
     install_requires=[

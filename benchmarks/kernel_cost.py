@@ -1,6 +1,7 @@
 """Static cost model of the Triton kernels, without a GPU.
 
-    python -m benchmarks.kernel_cost --json benchmarks/results/kernel-cost.json [--arch 90] [--dtype bf16]
+    python -m benchmarks.kernel_cost --json benchmarks/results/kernel-cost.json [--arch 90] [--dtype bf16] \
+        [--prechosen kernels/prechosen.json]
 
 Every kernel variant that can launch (each autotune config x fp32/fp16/bf16 x self/bank case x
 forget pull, for sm_90 and sm_80) is compiled ahead of time exactly as the runtime specialises
@@ -215,6 +216,19 @@ def calls(records):
     return out
 
 
+def prechosen_table(call_rows):
+    """{prechosen_key: config index}: per kernel, case, pull and dtype, the config the model rates
+    fastest at D = 128 (for narrow D) and D = 768 (wide), as the kernels' large-row launches use it."""
+    from deepcut_fast.kernels.contrastive import DTYPE_NAMES, prechosen_key
+
+    dtypes = {name: dtype for dtype, name in DTYPE_NAMES.items()}
+    table = {}
+    for c in call_rows:
+        for kernel, index in c["configs"].items():
+            table[prechosen_key(kernel, c["case"] == "self", c["pull"], dtypes[c["dtype"]], c["dim"])] = index
+    return dict(sorted(table.items()))
+
+
 def markdown(records, call_rows):
     lines = ["| kernel | config | arch | dtype | case | pull | regs | spill B | shared KB | mma | SASS/pair | MUFU/pair |",
              "|---|---|---|---|---|---|---|---|---|---|---|---|"]
@@ -241,6 +255,9 @@ def main(argv=None):
     parser.add_argument("--json", required=True, help="where to write the records (and a .md table beside it)")
     parser.add_argument("--arch", type=int, nargs="+", default=[90, 80], choices=[80, 90])
     parser.add_argument("--dtype", nargs="+", default=list(DTYPES), choices=DTYPES)
+    parser.add_argument("--prechosen", default=None,
+                        help="also write the configs the model rates fastest (kernels/prechosen.json: the configs "
+                             "that launches of more than 65,536 rows take without timing them)")
     args = parser.parse_args(argv)
     records = []
     for record, fn, config in variants(args.arch, args.dtype):
@@ -256,6 +273,8 @@ def main(argv=None):
                                                mufu_per_clock_per_sm=MUFU_PER_CLOCK_PER_SM),
                                     kernels=records, calls=call_rows), indent=1))
     path.with_suffix(".md").write_text(markdown(records, call_rows))
+    if args.prechosen:
+        Path(args.prechosen).write_text(json.dumps(prechosen_table(call_rows), indent=1) + "\n")
     print(f"wrote {path} and {path.with_suffix('.md')}")
 
 

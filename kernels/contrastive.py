@@ -18,7 +18,9 @@ by percents.
 
 The masks are computed on the fly from labels, forget flags, instance ids and row indices.
 """
+import json
 import os
+from pathlib import Path
 
 import torch
 import triton
@@ -35,7 +37,7 @@ DS_SCALE = 2.0 ** 14
 LOG2E = tl.constexpr(1.4426950408889634)
 LN2 = tl.constexpr(0.6931471805599453)
 
-# Tile configs a GPU may pick (autotuned per D and dtype). The ahead-of-time compile test
+# Tile configs a GPU may pick (autotuned: TUNE_KEY below). The ahead-of-time compile test
 # builds every one of them for sm_80 and sm_90.
 GPU_FORWARD_CONFIGS = [
     triton.Config({"BLOCK_M": 128, "BLOCK_N": 64, "BLOCK_K": 64}, num_warps=8, num_stages=3),
@@ -291,14 +293,67 @@ def _backward_candidate_kernel(U, C, A_LABEL, A_FORGET, A_INST, C_LABEL, C_FORGE
     tl.store(out, acc, mask=out_ok)
 
 
-def _autotuned(kernel, gpu_configs, interpret_configs):
-    return triton.autotune(configs=interpret_configs if INTERPRET else gpu_configs, key=["D"])(kernel)
+# Autotuning. The key is D, the case (SELF), the forget pull, the dot precision and (added by
+# Triton) the dtype of every tensor argument; and each power-of-two bucket of rows (the larger of
+# M and N) has its own autotuner, so that the config timed at 4k rows is not reused at 1M.
+TUNE_KEY = ["D", "SELF", "PULL_LSE", "PRECISION"]
+# Above this many rows one launch takes long enough that timing every config costs minutes: the
+# config the static cost model rates fastest for the kernel, case, pull, dtype and width runs
+# untimed (``prechosen.json``, written by ``python -m benchmarks.kernel_cost --prechosen``;
+# modelled on sm_90, not measured). DEEPCUT_TUNE_ALL=1 times every config at every size.
+TIMED_TUNING_MAX_ROWS = 1 << 16
+PRECHOSEN_FILE = Path(__file__).with_name("prechosen.json")
+WIDE_D = 256  # D above this takes the choice modelled at D = 768, at or below it the one at D = 128
+DTYPE_NAMES = {torch.float32: "fp32", torch.float16: "fp16", torch.bfloat16: "bf16"}
 
 
-forward_kernel = _autotuned(_forward_kernel, GPU_FORWARD_CONFIGS, INTERPRET_FORWARD_CONFIGS)
-backward_anchor_kernel = _autotuned(_backward_anchor_kernel, GPU_BACKWARD_CONFIGS, INTERPRET_BACKWARD_CONFIGS)
-backward_candidate_kernel = _autotuned(_backward_candidate_kernel, GPU_BACKWARD_CONFIGS,
-                                       INTERPRET_BACKWARD_CONFIGS)
+def prechosen_key(kernel, self_case, pull_lse, dtype, dim):
+    """The key of ``prechosen.json``: kernel/case/pull/dtype/width, e.g. forward/self/pull/bf16/narrow."""
+    return "/".join([kernel, "self" if self_case else "bank", "pull" if pull_lse else "mean", DTYPE_NAMES[dtype],
+                     "wide" if dim > WIDE_D else "narrow"])
+
+
+def _prechosen_pruner(kernel, table):
+    def prune(configs, named_args, **flags):
+        index = table.get(prechosen_key(kernel, flags["SELF"], flags["PULL_LSE"], named_args["U"].dtype,
+                                        named_args["D"]))
+        if index is None or os.environ.get("DEEPCUT_TUNE_ALL") == "1":
+            return configs
+        return [configs[index]]
+
+    return prune
+
+
+class TunedKernel:
+    """``kernel[grid, rows](*args, **flags)`` launches the jitted kernel ``fn`` through the
+    autotuner of the bucket of ``rows`` (TUNE_KEY; interpreter: its one config). Buckets above
+    TIMED_TUNING_MAX_ROWS prune the configs to the prechosen one."""
+
+    def __init__(self, name, fn, gpu_configs, interpret_configs):
+        self.name, self.fn = name, fn
+        self.configs = interpret_configs if INTERPRET else gpu_configs
+        self.tuners = {}
+
+    def tuner(self, rows):
+        bucket = max(1, int(rows) - 1).bit_length()  # rows <= 2 ** bucket
+        if bucket not in self.tuners:
+            prune = None
+            if 1 << bucket > TIMED_TUNING_MAX_ROWS and PRECHOSEN_FILE.exists():
+                table = json.loads(PRECHOSEN_FILE.read_text())
+                prune = dict(early_config_prune=_prechosen_pruner(self.name, table))
+            self.tuners[bucket] = triton.autotune(configs=self.configs, key=TUNE_KEY, prune_configs_by=prune)(self.fn)
+        return self.tuners[bucket]
+
+    def __getitem__(self, grid_and_rows):
+        grid, rows = grid_and_rows
+        return self.tuner(rows)[grid]
+
+
+forward_kernel = TunedKernel("forward", _forward_kernel, GPU_FORWARD_CONFIGS, INTERPRET_FORWARD_CONFIGS)
+backward_anchor_kernel = TunedKernel("backward_anchor", _backward_anchor_kernel, GPU_BACKWARD_CONFIGS,
+                                     INTERPRET_BACKWARD_CONFIGS)
+backward_candidate_kernel = TunedKernel("backward_candidate", _backward_candidate_kernel, GPU_BACKWARD_CONFIGS,
+                                        INTERPRET_BACKWARD_CONFIGS)
 
 
 def dot_precision(dtype):
@@ -335,11 +390,11 @@ def forward(u, labels, forget, instance_ids, candidates, candidate_labels, tempe
     tensors, scalars, flags, qk_scale, ignore = _launch_args(
         u, labels, forget, instance_ids, candidates, candidate_labels, temperature, pull_lse,
         ignore_index)
-    M = u.shape[0]
+    M, N = scalars[0], scalars[1]
     loss, lse_a, lse_p = (torch.empty(M, device=u.device, dtype=torch.float32) for _ in range(3))
     count = torch.empty(M, device=u.device, dtype=torch.int32)
     grid = lambda meta: (triton.cdiv(M, meta["BLOCK_M"]),)  # noqa: E731
-    forward_kernel[grid](*tensors, loss, lse_a, lse_p, count, *scalars, qk_scale, ignore, **flags)
+    forward_kernel[grid, max(M, N)](*tensors, loss, lse_a, lse_p, count, *scalars, qk_scale, ignore, **flags)
     return loss, lse_a, lse_p, count
 
 
@@ -369,12 +424,12 @@ def backward(grad_loss, u, labels, forget, instance_ids, candidates, candidate_l
     if need_anchor_grad:
         du = torch.empty(M, D, device=u.device, dtype=torch.float32)
         grid = lambda meta: (triton.cdiv(M, meta["BLOCK_M"]), triton.cdiv(D, meta["BLOCK_DO"]))  # noqa: E731
-        backward_anchor_kernel[grid](*tensors, *stats, du, *scalars, du.stride(0), qk_scale,
+        backward_anchor_kernel[grid, max(M, N)](*tensors, *stats, du, *scalars, du.stride(0), qk_scale,
                                      grad_scale, ignore, **flags)
     if need_candidate_grad or (self_case and need_anchor_grad):
         # the self case accumulates the candidate term into du in place (its rows are z's rows)
         dc = du if self_case else torch.empty(N, D, device=u.device, dtype=torch.float32)
         grid = lambda meta: (triton.cdiv(N, meta["BLOCK_N"]), triton.cdiv(D, meta["BLOCK_DO"]))  # noqa: E731
-        backward_candidate_kernel[grid](*tensors, *stats, dc, *scalars, dc.stride(0), qk_scale,
+        backward_candidate_kernel[grid, max(M, N)](*tensors, *stats, dc, *scalars, dc.stride(0), qk_scale,
                                         grad_scale, ignore, **flags)
     return (du, None) if self_case else (du, dc)
