@@ -24,8 +24,10 @@ bf16/fp16 matmul (forward: 2MND useful flops, backward: 4MND), at N = M = 32k wi
   with the autotuner's best config; fp32 records get no fraction (no bf16 tensor-core peak).
 """
 import argparse
+import itertools
 import json
 import math
+import multiprocessing
 import os
 import re
 import subprocess
@@ -39,6 +41,9 @@ ISSUE_PER_CLOCK_PER_SM = 128
 MUFU_PER_CLOCK_PER_SM = 16
 SHAPES = [(32 * 1024, 128), (32 * 1024, 768)]  # (M = N, D)
 DTYPES = ("fp32", "fp16", "bf16")
+# "fixed": unit rows at a temperature >= 0.05 (the default loss), one exp per pair shifted by the
+# bound; "running": a running maximum (normalize=False, or smaller temperatures)
+SHIFTS = ("fixed", "running")
 ARG_TYPES = {  # U and C take the input dtype; every other argument is a constexpr
     "A_LABEL": "*i64", "A_INST": "*i64", "C_LABEL": "*i64", "C_INST": "*i64",
     "A_FORGET": "*i8", "C_FORGET": "*i8", "COUNT": "*i32",
@@ -59,7 +64,7 @@ def kernels():
             "backward_candidate": (k.backward_candidate_kernel.fn, k.GPU_BACKWARD_CONFIGS)}
 
 
-def compile_variant(fn, config, dtype, arch, self_case, pull_lse, precision):
+def compile_variant(fn, config, dtype, arch, self_case, pull_lse, precision, fixed_shift=True):
     """triton.compile of one variant for sm_<arch>, specialised as the runtime would."""
     import triton
     from triton.backends.compiler import GPUTarget
@@ -67,7 +72,8 @@ def compile_variant(fn, config, dtype, arch, self_case, pull_lse, precision):
 
     signature = {name: ARG_TYPES.get(name, f"*{dtype}" if name in ("U", "C") else "constexpr")
                  for name in fn.arg_names}
-    constexprs = dict(config.kwargs, SELF=self_case, PULL_LSE=pull_lse, UPCAST=False, PRECISION=precision)
+    constexprs = dict(config.kwargs, SELF=self_case, PULL_LSE=pull_lse, UPCAST=False, PRECISION=precision,
+                      FIXED_SHIFT=fixed_shift)
     attrs = {(i,): [["tt.divisibility", 16]] for i, name in enumerate(fn.arg_names)
              if signature[name].startswith("*") or name in DIVISIBLE_INTS}
     source = ASTSource(fn=fn, signature=signature, constexprs=constexprs, attrs=attrs)
@@ -143,14 +149,14 @@ def variants(archs, dtypes):
         for kernel, (fn, configs) in kernels().items():
             for dtype in dtypes:
                 for index, config in enumerate(configs):
-                    for case, pull in (("self", True), ("self", False), ("bank", True), ("bank", False)):
+                    for case, pull, shift in itertools.product(("self", "bank"), (True, False), SHIFTS):
                         yield dict(kernel=kernel, config=index, arch=arch, dtype=dtype, case=case, pull=pull,
-                                   precision=dot_precision(torch_dtypes[dtype])), fn, config
+                                   shift=shift, precision=dot_precision(torch_dtypes[dtype])), fn, config
 
 
 def measure(record, fn, config):
     compiled = compile_variant(fn, config, record["dtype"], record["arch"], record["case"] == "self",
-                               record["pull"], record["precision"])
+                               record["pull"], record["precision"], record["shift"] == "fixed")
     registers, spills = ptxas_stats(compiled, record["arch"])
     kw = config.kwargs
     pairs = kw["BLOCK_M"] * kw["BLOCK_N"] / (32 * config.num_warps)  # per thread per loop iteration
@@ -168,6 +174,12 @@ def measure(record, fn, config):
     record.update(sass_per_pair=first.get("sass"), mufu_per_pair=first.get("mufu"),
                   tensor_per_pair=first.get("tensor"))
     return record
+
+
+def _measure_variant(record):
+    """``measure`` in a worker process, which finds the kernel and config by name and index."""
+    fn, configs = kernels()[record["kernel"]]
+    return measure(record, fn, configs[record["config"]])
 
 
 def gemm_equivalents(kernel, config, dim):
@@ -190,10 +202,11 @@ def kernel_time(record, rows, dim):
 def calls(records):
     """Per (dtype, case, pull, shape) on sm_90: GEMM-equivalents and modelled fractions of a call."""
     out = []
-    keys = {(r["arch"], r["dtype"], r["case"], r["pull"]) for r in records if r["arch"] == 90}  # an H100 model
-    for arch, dtype, case, pull in sorted(keys):
-        mine = [r for r in records if (r["arch"], r["dtype"], r["case"], r["pull"]) == (arch, dtype, case, pull)
-                and "per_pair" in r]
+    def variant(r):
+        return r["arch"], r["dtype"], r["case"], r["pull"], r["shift"]
+
+    for arch, dtype, case, pull, shift in sorted({variant(r) for r in records if r["arch"] == 90}):  # an H100 model
+        mine = [r for r in records if variant(r) == (arch, dtype, case, pull, shift) and "per_pair" in r]
         for rows, dim in SHAPES:
             best = {}
             for r in mine:
@@ -206,7 +219,7 @@ def calls(records):
             bwd = [best["backward_anchor"], best["backward_candidate"]]
             bwd_t = sum(t for t, _ in bwd)
             half = dtype != "fp32"
-            out.append(dict(arch=arch, dtype=dtype, case=case, pull=pull, n=rows, dim=dim,
+            out.append(dict(arch=arch, dtype=dtype, case=case, pull=pull, shift=shift, n=rows, dim=dim,
                             gemm_equivalents_fwd=1.0,
                             gemm_equivalents_bwd=sum(gemm_equivalents(r["kernel"], r["block"], dim) for _, r in bwd),
                             modelled_seconds_fwd=fwd_t, modelled_seconds_bwd=bwd_t,
@@ -225,26 +238,27 @@ def prechosen_table(call_rows):
     table = {}
     for c in call_rows:
         for kernel, index in c["configs"].items():
-            table[prechosen_key(kernel, c["case"] == "self", c["pull"], dtypes[c["dtype"]], c["dim"])] = index
+            table[prechosen_key(kernel, c["case"] == "self", c["pull"], c["shift"] == "fixed", dtypes[c["dtype"]],
+                                c["dim"])] = index
     return dict(sorted(table.items()))
 
 
 def markdown(records, call_rows):
-    lines = ["| kernel | config | arch | dtype | case | pull | regs | spill B | shared KB | mma | SASS/pair | MUFU/pair |",
-             "|---|---|---|---|---|---|---|---|---|---|---|---|"]
+    lines = ["| kernel | config | arch | dtype | case | pull | shift | regs | spill B | shared KB | mma | SASS/pair | "
+             "MUFU/pair |", "|---" * 13 + "|"]
     for r in records:
         if r["dtype"] != "bf16" or r["arch"] != 90:
             continue
         mma = "yes" if r["mma"] else "no"
         lines.append(f"| {r['kernel']} | {r['config']} | sm_{r['arch']} | {r['dtype']} | {r['case']} | {r['pull']} | "
-                     f"{r['regs']} | {r['spill_bytes']} | {r['shared_bytes'] / 1024:.1f} | {mma} | "
+                     f"{r['shift']} | {r['regs']} | {r['spill_bytes']} | {r['shared_bytes'] / 1024:.1f} | {mma} | "
                      f"{r['sass_per_pair'] or 0:.1f} | {r['mufu_per_pair'] or 0:.2f} |")
-    lines += ["", "| arch | dtype | case | pull | N = M | D | GEMM-eq fwd | GEMM-eq bwd | modelled fwd / matmul | modelled bwd / matmul |",
-              "|---|---|---|---|---|---|---|---|---|---|"]
+    lines += ["", "| arch | dtype | case | pull | shift | N = M | D | GEMM-eq fwd | GEMM-eq bwd | modelled fwd / matmul "
+              "| modelled bwd / matmul |", "|---" * 11 + "|"]
     for c in call_rows:
         if c["dtype"] == "fp32":
             continue
-        lines.append(f"| sm_{c['arch']} | {c['dtype']} | {c['case']} | {c['pull']} | {c['n']} | {c['dim']} | "
+        lines.append(f"| sm_{c['arch']} | {c['dtype']} | {c['case']} | {c['pull']} | {c['shift']} | {c['n']} | {c['dim']} | "
                      f"{c['gemm_equivalents_fwd']:.0f} | {c['gemm_equivalents_bwd']:.0f} | "
                      f"{c['modelled_fraction_fwd']:.1%} | {c['modelled_fraction_bwd']:.1%} |")
     return "\n".join(lines) + "\n"
@@ -255,16 +269,18 @@ def main(argv=None):
     parser.add_argument("--json", required=True, help="where to write the records (and a .md table beside it)")
     parser.add_argument("--arch", type=int, nargs="+", default=[90, 80], choices=[80, 90])
     parser.add_argument("--dtype", nargs="+", default=list(DTYPES), choices=DTYPES)
+    parser.add_argument("--jobs", type=int, default=os.cpu_count(), help="compiles at a time (processes)")
     parser.add_argument("--prechosen", default=None,
                         help="also write the configs the model rates fastest (kernels/prechosen.json: the configs "
                              "that launches of more than 65,536 rows take without timing them)")
     args = parser.parse_args(argv)
     records = []
-    for record, fn, config in variants(args.arch, args.dtype):
-        records.append(measure(record, fn, config))
-        print(f"{record['kernel']} config {record['config']} sm_{record['arch']} {record['dtype']} {record['case']} "
-              f"pull={record['pull']}: {record['regs']} regs, {record['spill_bytes']} B spilled, "
-              f"{record['sass_per_pair'] or 0:.1f} SASS/pair", file=sys.stderr)
+    with multiprocessing.get_context("fork").Pool(args.jobs) as pool:
+        for record in pool.imap(_measure_variant, [r for r, _, _ in variants(args.arch, args.dtype)]):
+            records.append(record)
+            print(f"{record['kernel']} config {record['config']} sm_{record['arch']} {record['dtype']} "
+                  f"{record['case']} pull={record['pull']} shift={record['shift']}: {record['regs']} regs, "
+                  f"{record['spill_bytes']} B spilled, {record['sass_per_pair'] or 0:.1f} SASS/pair", file=sys.stderr)
     call_rows = calls(records)
     path = Path(args.json)
     path.parent.mkdir(parents=True, exist_ok=True)

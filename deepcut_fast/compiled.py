@@ -23,12 +23,20 @@ def unavailable_reason():
     return _IMPORT_ERROR
 
 
+# The CPU kernel keeps a running maximum whatever the rows are: the contract's ``unit_rows``
+# is not passed on.
+def _forward(*args):
+    *inputs, _unit_rows = args
+    return _C.cpu_forward(*inputs)
+
+
 def _backward(*args):
-    return tuple(_C.cpu_backward(*args, CPU_PER_THREAD_BUDGET_BYTES))
+    *inputs, _unit_rows, need_anchor_grad, need_candidate_grad = args
+    return tuple(_C.cpu_backward(*inputs, need_anchor_grad, need_candidate_grad, CPU_PER_THREAD_BUDGET_BYTES))
 
 
 def kernels() -> SimpleNamespace:
     """forward/backward of the compiled CPU kernel (raises if it is unavailable)."""
     if _C is None:
         raise ImportError(_IMPORT_ERROR)
-    return SimpleNamespace(forward=_C.cpu_forward, backward=_backward)
+    return SimpleNamespace(forward=_forward, backward=_backward)

@@ -71,17 +71,19 @@ def _fused_module(backend: str):
 @torch.library.custom_op("deepcut_fast::contrast_forward", mutates_args=())
 def contrast_forward(u: Tensor, labels: Tensor, forget: Tensor, instance_ids: Tensor,
                      candidates: Optional[Tensor], candidate_labels: Optional[Tensor],
-                     temperature: float, pull_lse: bool, ignore_index: int,
+                     temperature: float, pull_lse: bool, ignore_index: int, unit_rows: bool,
                      backend: str) -> tuple[Tensor, Tensor, Tensor, Tensor]:
-    """Per-anchor (loss, logsumexp over A, logsumexp over P, |P|) of normalised rows u; the two
-    log-sum-exps are in the backend's own units and go back only to its backward."""
+    """Per-anchor (loss, logsumexp over A, logsumexp over P, |P|) of rows u; the two
+    log-sum-exps are in the backend's own units and go back only to its backward. ``unit_rows``:
+    u and the candidates are unit vectors (normalize=True), so every similarity is at most 1 and
+    a backend may shift its exponentials by that bound instead of a running maximum."""
     return _fused_module(backend).forward(u, labels, forget, instance_ids, candidates,
-                                          candidate_labels, temperature, pull_lse, ignore_index)
+                                          candidate_labels, temperature, pull_lse, ignore_index, unit_rows)
 
 
 @contrast_forward.register_fake
 def _(u, labels, forget, instance_ids, candidates, candidate_labels, temperature, pull_lse,
-      ignore_index, backend):
+      ignore_index, unit_rows, backend):
     M = u.shape[0]
     stats = tuple(u.new_empty(M, dtype=torch.float32) for _ in range(3))
     return stats + (u.new_empty(M, dtype=torch.int32),)
@@ -92,12 +94,12 @@ def contrast_backward(grad_loss: Tensor, u: Tensor, labels: Tensor, forget: Tens
                       instance_ids: Tensor, candidates: Optional[Tensor],
                       candidate_labels: Optional[Tensor], lse_a: Tensor, lse_p: Tensor,
                       count: Tensor, temperature: float, pull_lse: bool, ignore_index: int,
-                      backend: str, need_anchor_grad: bool,
+                      unit_rows: bool, backend: str, need_anchor_grad: bool,
                       need_candidate_grad: bool) -> tuple[Tensor, Tensor]:
     """(dL/du, dL/dcandidates) in the inputs' dtypes; a gradient not needed is empty."""
     du, dc = _fused_module(backend).backward(
         grad_loss, u, labels, forget, instance_ids, candidates, candidate_labels, lse_a, lse_p,
-        count, temperature, pull_lse, ignore_index, need_anchor_grad, need_candidate_grad)
+        count, temperature, pull_lse, ignore_index, unit_rows, need_anchor_grad, need_candidate_grad)
     du = u.new_empty(0, u.shape[1]) if du is None else du.to(u.dtype)
     dc = u.new_empty(0, u.shape[1]) if dc is None else dc.to(candidates.dtype)
     return du, dc
@@ -105,7 +107,7 @@ def contrast_backward(grad_loss: Tensor, u: Tensor, labels: Tensor, forget: Tens
 
 @contrast_backward.register_fake
 def _(grad_loss, u, labels, forget, instance_ids, candidates, candidate_labels, lse_a, lse_p,
-      count, temperature, pull_lse, ignore_index, backend, need_anchor_grad, need_candidate_grad):
+      count, temperature, pull_lse, ignore_index, unit_rows, backend, need_anchor_grad, need_candidate_grad):
     du = torch.empty_like(u) if need_anchor_grad else u.new_empty(0, u.shape[1])
     dc = torch.empty_like(candidates) if need_candidate_grad else u.new_empty(0, u.shape[1])
     return du, dc
@@ -116,7 +118,7 @@ def _setup_context(ctx, inputs, output):
     _, lse_a, lse_p, count = output
     ctx.save_for_backward(u, labels, forget, instance_ids, candidates, candidate_labels,
                           lse_a, lse_p, count)
-    ctx.options = options  # temperature, pull_lse, ignore_index, backend
+    ctx.options = options  # temperature, pull_lse, ignore_index, unit_rows, backend
 
 
 def _backward(ctx, grad_loss, *unused_stat_grads):
@@ -127,7 +129,7 @@ def _backward(ctx, grad_loss, *unused_stat_grads):
                                candidate_labels, lse_a, lse_p, count, *ctx.options,
                                need_anchor, need_candidate)
     return (du if need_anchor else None, None, None, None, dc if need_candidate else None,
-            None, None, None, None, None)
+            None, None, None, None, None, None)
 
 
 contrast_forward.register_autograd(_backward, setup_context=_setup_context)
@@ -248,6 +250,6 @@ def contrastive_unlearn_loss(z, labels, forget_mask, instance_ids, candidates, c
     per_anchor, _, _, count = contrast_forward(
         unit_rows(z), labels, forget_mask, instance_ids,
         None if candidates is None else unit_rows(candidates), candidate_labels,
-        float(temperature), forget_pull == "logsumexp", int(ignore_index), backend)
+        float(temperature), forget_pull == "logsumexp", int(ignore_index), bool(normalize), backend)
     loss = reduce_anchor_losses(per_anchor, count > 0, forget_mask, forget_weight, retain_weight, reduction)
     return in_input_dtype(loss, z.dtype)

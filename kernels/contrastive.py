@@ -29,6 +29,13 @@ import triton.language as tl
 # Read when the kernels are decorated, like Triton itself does.
 INTERPRET = os.environ.get("TRITON_INTERPRET", "0") == "1"
 
+# With unit rows every similarity is at most 1, so base-2 logits are at most qk_scale and
+# exp2(s2 - qk_scale) can serve as the shifted exponential of both sums (one exp per pair, no
+# running maximum). The smallest value, at s = -1, is 2^(-2 qk_scale): it stays a normal fp32
+# number (and the rescale 2^(qk_scale - lse) finite) while 2 log2(e) / temperature <= 58, i.e.
+# for temperatures from 0.05 up; below that the kernels keep the running maximum.
+FIXED_SHIFT_MIN_TEMPERATURE = 0.05
+
 # The backward scales dS so that its largest possible magnitude is this (see backward): large
 # enough that tiny coefficients stay normal numbers in fp16, small enough never to overflow it.
 DS_SCALE = 2.0 ** 14
@@ -113,13 +120,20 @@ def _finish_lse2(m, l):
 
 
 @triton.jit
-def _logit_grad(s2, in_a, in_p, a_forget, coef, lse_a2, lse_p2, inv_count, PULL_LSE: tl.constexpr):
+def _logit_grad(s2, in_a, in_p, a_forget, coef, lse_a2, lse_p2, inv_count, qk_scale,
+                PULL_LSE: tl.constexpr, FIXED_SHIFT: tl.constexpr):
     """dL/ds for a tile: coef * (softmax over A - positive weights); all stats pre-broadcast."""
-    # mask before exp2 so that entries outside the set cannot overflow
-    p_a = tl.exp2(tl.where(in_a, s2 - lse_a2, float("-inf")))
     q = tl.where(in_p, inv_count, 0.0)  # mean over positives
-    if PULL_LSE:  # forget anchors pull with a softmax over their positives instead
-        q = tl.where(a_forget, tl.exp2(tl.where(in_p & a_forget, s2 - lse_p2, float("-inf"))), q)
+    if FIXED_SHIFT:  # one exp per pair, rescaled per row for each softmax
+        e = tl.exp2(s2 - qk_scale)
+        p_a = tl.where(in_a, e * tl.exp2(qk_scale - lse_a2), 0.0)
+        if PULL_LSE:
+            q = tl.where(a_forget, tl.where(in_p, e * tl.exp2(qk_scale - lse_p2), 0.0), q)
+    else:
+        # mask before exp2 so that entries outside the set cannot overflow
+        p_a = tl.exp2(tl.where(in_a, s2 - lse_a2, float("-inf")))
+        if PULL_LSE:  # forget anchors pull with a softmax over their positives instead
+            q = tl.where(a_forget, tl.exp2(tl.where(in_p & a_forget, s2 - lse_p2, float("-inf"))), q)
     return coef * (p_a - q)
 
 
@@ -181,8 +195,8 @@ def _forward_kernel(U, C, A_LABEL, A_FORGET, A_INST, C_LABEL, C_FORGET, C_INST,
                     LOSS, LSE_A, LSE_P, COUNT,
                     M, N, D, stride_u, stride_c, qk_scale, ignore_index,
                     SELF: tl.constexpr, PULL_LSE: tl.constexpr, UPCAST: tl.constexpr,
-                    PRECISION: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
-                    BLOCK_K: tl.constexpr):
+                    PRECISION: tl.constexpr, FIXED_SHIFT: tl.constexpr, BLOCK_M: tl.constexpr,
+                    BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr):
     rows = tl.program_id(0) * BLOCK_M + tl.arange(0, BLOCK_M)
     row_ok = rows < M
     a_label = tl.load(A_LABEL + rows, mask=row_ok, other=ignore_index)
@@ -199,13 +213,22 @@ def _forward_kernel(U, C, A_LABEL, A_FORGET, A_INST, C_LABEL, C_FORGET, C_INST,
         cols, col_ok, s2, in_a, in_p = _candidate_tile(
             U, C, C_LABEL, C_FORGET, C_INST, rows, row_ok, a_label, a_forget, a_inst, n0, N, D,
             stride_u, stride_c, qk_scale, ignore_index, SELF, UPCAST, PRECISION, BLOCK_M, BLOCK_N, BLOCK_K)
-        m_a, l_a = _online_lse(m_a, l_a, s2, in_a)
-        if PULL_LSE:
-            m_p, l_p = _online_lse(m_p, l_p, s2, in_p & a_forget[:, None])
+        if FIXED_SHIFT:
+            e = tl.exp2(s2 - qk_scale)
+            l_a += tl.sum(tl.where(in_a, e, 0.0), 1)
+            if PULL_LSE:
+                l_p += tl.sum(tl.where(in_p & a_forget[:, None], e, 0.0), 1)
+        else:
+            m_a, l_a = _online_lse(m_a, l_a, s2, in_a)
+            if PULL_LSE:
+                m_p, l_p = _online_lse(m_p, l_p, s2, in_p & a_forget[:, None])
         pos_sum += tl.sum(tl.where(in_p, s2, 0.0), 1)
         pos_count += tl.sum(in_p.to(tl.int32), 1)
 
     counted = pos_count > 0
+    if FIXED_SHIFT:
+        m_a = tl.full([BLOCK_M], 0.0, tl.float32) + qk_scale
+        m_p = m_a
     lse_a = _finish_lse2(m_a, l_a)
     pull = pos_sum / tl.maximum(pos_count, 1).to(tl.float32)
     lse_p = tl.zeros([BLOCK_M], tl.float32)
@@ -224,8 +247,8 @@ def _backward_anchor_kernel(U, C, A_LABEL, A_FORGET, A_INST, C_LABEL, C_FORGET, 
                             M, N, D, stride_u, stride_c, stride_du, qk_scale, grad_scale,
                             ignore_index,
                             SELF: tl.constexpr, PULL_LSE: tl.constexpr, UPCAST: tl.constexpr,
-                            PRECISION: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
-                            BLOCK_K: tl.constexpr, BLOCK_DO: tl.constexpr):
+                            PRECISION: tl.constexpr, FIXED_SHIFT: tl.constexpr, BLOCK_M: tl.constexpr,
+                            BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, BLOCK_DO: tl.constexpr):
     """dL/du for BLOCK_M anchors x BLOCK_DO output features: sum_j dL/ds_ij c_j / tau."""
     rows = tl.program_id(0) * BLOCK_M + tl.arange(0, BLOCK_M)
     row_ok = rows < M
@@ -241,7 +264,7 @@ def _backward_anchor_kernel(U, C, A_LABEL, A_FORGET, A_INST, C_LABEL, C_FORGET, 
             U, C, C_LABEL, C_FORGET, C_INST, rows, row_ok, a_label, a_forget, a_inst, n0, N, D,
             stride_u, stride_c, qk_scale, ignore_index, SELF, UPCAST, PRECISION, BLOCK_M, BLOCK_N, BLOCK_K)
         ds = _logit_grad(s2, in_a, in_p, a_forget[:, None], coef[:, None], lse_a2[:, None],
-                         lse_p2[:, None], inv_count[:, None], PULL_LSE)
+                         lse_p2[:, None], inv_count[:, None], qk_scale, PULL_LSE, FIXED_SHIFT)
         c = tl.load(C + cols.to(tl.int64)[:, None] * stride_c + dims[None, :],
                     mask=col_ok[:, None] & dim_ok[None, :], other=0.0)
         acc = _accumulate_grad(acc, ds, c, UPCAST, PRECISION)
@@ -255,7 +278,7 @@ def _backward_candidate_kernel(U, C, A_LABEL, A_FORGET, A_INST, C_LABEL, C_FORGE
                                M, N, D, stride_u, stride_c, stride_dc, qk_scale, grad_scale,
                                ignore_index,
                                SELF: tl.constexpr, PULL_LSE: tl.constexpr, UPCAST: tl.constexpr,
-                               PRECISION: tl.constexpr, BLOCK_M: tl.constexpr,
+                               PRECISION: tl.constexpr, FIXED_SHIFT: tl.constexpr, BLOCK_M: tl.constexpr,
                                BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
                                BLOCK_DO: tl.constexpr):
     """dL/dc for BLOCK_N candidates x BLOCK_DO features: sum_i dL/ds_ij u_i / tau.
@@ -280,7 +303,7 @@ def _backward_candidate_kernel(U, C, A_LABEL, A_FORGET, A_INST, C_LABEL, C_FORGE
             U, C, C_LABEL, C_FORGET, C_INST, rows, row_ok, a_label, a_forget, a_inst, n0, N, D,
             stride_u, stride_c, qk_scale, ignore_index, SELF, UPCAST, PRECISION, BLOCK_M, BLOCK_N, BLOCK_K)
         ds = _logit_grad(s2, in_a, in_p, a_forget[:, None], coef[:, None], lse_a2[:, None],
-                         lse_p2[:, None], inv_count[:, None], PULL_LSE)
+                         lse_p2[:, None], inv_count[:, None], qk_scale, PULL_LSE, FIXED_SHIFT)
         u = tl.load(U + rows.to(tl.int64)[:, None] * stride_u + dims[None, :],
                     mask=row_ok[:, None] & dim_ok[None, :], other=0.0)
         acc = _accumulate_grad(acc, tl.trans(ds), u, UPCAST, PRECISION)
@@ -293,10 +316,10 @@ def _backward_candidate_kernel(U, C, A_LABEL, A_FORGET, A_INST, C_LABEL, C_FORGE
     tl.store(out, acc, mask=out_ok)
 
 
-# Autotuning. The key is D, the case (SELF), the forget pull, the dot precision and (added by
+# Autotuning. The key is D, the case (SELF), the forget pull, the dot precision, the shift and (added by
 # Triton) the dtype of every tensor argument; and each power-of-two bucket of rows (the larger of
 # M and N) has its own autotuner, so that the config timed at 4k rows is not reused at 1M.
-TUNE_KEY = ["D", "SELF", "PULL_LSE", "PRECISION"]
+TUNE_KEY = ["D", "SELF", "PULL_LSE", "PRECISION", "FIXED_SHIFT"]
 # Above this many rows one launch takes long enough that timing every config costs minutes: the
 # config the static cost model rates fastest for the kernel, case, pull, dtype and width runs
 # untimed (``prechosen.json``, written by ``python -m benchmarks.kernel_cost --prechosen``;
@@ -307,16 +330,17 @@ WIDE_D = 256  # D above this takes the choice modelled at D = 768, at or below i
 DTYPE_NAMES = {torch.float32: "fp32", torch.float16: "fp16", torch.bfloat16: "bf16"}
 
 
-def prechosen_key(kernel, self_case, pull_lse, dtype, dim):
-    """The key of ``prechosen.json``: kernel/case/pull/dtype/width, e.g. forward/self/pull/bf16/narrow."""
-    return "/".join([kernel, "self" if self_case else "bank", "pull" if pull_lse else "mean", DTYPE_NAMES[dtype],
-                     "wide" if dim > WIDE_D else "narrow"])
+def prechosen_key(kernel, self_case, pull_lse, fixed_shift, dtype, dim):
+    """The key of ``prechosen.json``: kernel/case/pull/shift/dtype/width, e.g.
+    forward/self/pull/fixed/bf16/narrow."""
+    return "/".join([kernel, "self" if self_case else "bank", "pull" if pull_lse else "mean",
+                     "fixed" if fixed_shift else "running", DTYPE_NAMES[dtype], "wide" if dim > WIDE_D else "narrow"])
 
 
 def _prechosen_pruner(kernel, table):
     def prune(configs, named_args, **flags):
-        index = table.get(prechosen_key(kernel, flags["SELF"], flags["PULL_LSE"], named_args["U"].dtype,
-                                        named_args["D"]))
+        index = table.get(prechosen_key(kernel, flags["SELF"], flags["PULL_LSE"], flags["FIXED_SHIFT"],
+                                        named_args["U"].dtype, named_args["D"]))
         if index is None or os.environ.get("DEEPCUT_TUNE_ALL") == "1":
             return configs
         return [configs[index]]
@@ -365,7 +389,7 @@ def dot_precision(dtype):
 
 
 def _launch_args(u, labels, forget, instance_ids, candidates, candidate_labels, temperature,
-                 pull_lse, ignore_index):
+                 pull_lse, ignore_index, unit_rows):
     """Shared tensors and flags of the three kernels (self case: candidates are u's rows)."""
     self_case = candidates is None
     forget = forget.to(torch.int8)
@@ -373,23 +397,25 @@ def _launch_args(u, labels, forget, instance_ids, candidates, candidate_labels, 
     c_labels = labels if self_case else candidate_labels
     tensors = (u, c, labels, forget, instance_ids, c_labels, forget, instance_ids)
     flags = dict(SELF=self_case, PULL_LSE=pull_lse, UPCAST=INTERPRET,
-                 PRECISION="ieee" if INTERPRET else dot_precision(u.dtype))
+                 PRECISION="ieee" if INTERPRET else dot_precision(u.dtype),
+                 FIXED_SHIFT=bool(unit_rows) and temperature >= FIXED_SHIFT_MIN_TEMPERATURE)
     scalars = (u.shape[0], c.shape[0], u.shape[1], u.stride(0), c.stride(0))
     return tensors, scalars, flags, LOG2E.value / temperature, ignore_index
 
 
 def forward(u, labels, forget, instance_ids, candidates, candidate_labels, temperature,
-            pull_lse, ignore_index):
+            pull_lse, ignore_index, unit_rows=False):
     """Per-anchor loss, log-sum-exp over A, log-sum-exp over P (forget pull; both in base 2,
     for ``backward``) and |P|.
 
     u [M, D] and candidates [N, D] (or None for the self case) are contiguous rows in one
-    of fp32/fp16/bf16; labels/ids are integer vectors, forget a bool vector.
+    of fp32/fp16/bf16; labels/ids are integer vectors, forget a bool vector. ``unit_rows``: the
+    rows are unit vectors (FIXED_SHIFT_MIN_TEMPERATURE).
     """
     u = u.contiguous()
     tensors, scalars, flags, qk_scale, ignore = _launch_args(
         u, labels, forget, instance_ids, candidates, candidate_labels, temperature, pull_lse,
-        ignore_index)
+        ignore_index, unit_rows)
     M, N = scalars[0], scalars[1]
     loss, lse_a, lse_p = (torch.empty(M, device=u.device, dtype=torch.float32) for _ in range(3))
     count = torch.empty(M, device=u.device, dtype=torch.int32)
@@ -399,7 +425,7 @@ def forward(u, labels, forget, instance_ids, candidates, candidate_labels, tempe
 
 
 def backward(grad_loss, u, labels, forget, instance_ids, candidates, candidate_labels, lse_a,
-             lse_p, count, temperature, pull_lse, ignore_index, need_anchor_grad,
+             lse_p, count, temperature, pull_lse, ignore_index, unit_rows, need_anchor_grad,
              need_candidate_grad):
     """(dL/du, dL/dcandidates) in fp32 given dL/dloss_i; in the self case dL/du holds both
     sides and the second is None. A gradient that is not needed is None."""
@@ -415,7 +441,7 @@ def backward(grad_loss, u, labels, forget, instance_ids, candidates, candidate_l
     grad_loss = grad_loss * scale
     tensors, scalars, flags, qk_scale, ignore = _launch_args(
         u, labels, forget, instance_ids, candidates, candidate_labels, temperature, pull_lse,
-        ignore_index)
+        ignore_index, unit_rows)
     M, N, D = scalars[0], scalars[1], scalars[2]
     stats = (grad_loss, lse_a, lse_p, count)
     grad_scale = 1.0 / (temperature * scale)

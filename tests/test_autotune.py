@@ -20,9 +20,10 @@ def gpu_tuned(name):
     return k.TunedKernel(name, fn, KERNELS[name], KERNELS[name])
 
 
-def pruned(tuner, dtype, dim, self_case, pull):
+def pruned(tuner, dtype, dim, self_case, pull, fixed_shift=True):
     tuner.nargs = dict(U=torch.empty(0, dtype=dtype), D=dim)  # what the autotuner holds during a launch
-    return tuner.prune_configs(dict(SELF=self_case, PULL_LSE=pull, UPCAST=False, PRECISION="ieee"))
+    return tuner.prune_configs(dict(SELF=self_case, PULL_LSE=pull, UPCAST=False, PRECISION="ieee",
+                                    FIXED_SHIFT=fixed_shift))
 
 
 def test_prechosen_table_is_the_cost_models_choice():
@@ -30,8 +31,8 @@ def test_prechosen_table_is_the_cost_models_choice():
 
     table = json.loads(k.PRECHOSEN_FILE.read_text())
     assert table == prechosen_table(json.loads(COST_RECORDS.read_text())["calls"])
-    combos = {k.prechosen_key(kernel, case, pull, dtype, dim) for kernel in KERNELS for case in (True, False)
-              for pull in (True, False) for dtype in k.DTYPE_NAMES for dim in (128, 768)}
+    combos = {k.prechosen_key(kernel, case, pull, shift, dtype, dim) for kernel in KERNELS for case in (True, False)
+              for pull in (True, False) for shift in (True, False) for dtype in k.DTYPE_NAMES for dim in (128, 768)}
     assert set(table) == combos  # every launch that can happen has its choice
     assert all(0 <= index < len(KERNELS[key.split("/")[0]]) for key, index in table.items())
 
@@ -39,7 +40,7 @@ def test_prechosen_table_is_the_cost_models_choice():
 def test_every_size_bucket_has_its_own_tuner_keyed_on_case_pull_and_precision():
     kernel = gpu_tuned("forward")
     assert kernel.tuner(100) is kernel.tuner(128) is not kernel.tuner(129)
-    assert kernel.tuner(4096).keys == ["D", "SELF", "PULL_LSE", "PRECISION"]  # Triton adds the dtypes
+    assert kernel.tuner(4096).keys == ["D", "SELF", "PULL_LSE", "PRECISION", "FIXED_SHIFT"]  # Triton adds dtypes
     assert len(kernel.tuners) == 3
 
 
@@ -48,11 +49,11 @@ def test_every_size_bucket_has_its_own_tuner_keyed_on_case_pull_and_precision():
 def test_large_launches_take_the_prechosen_config_untimed(name, dtype, dim):
     table = json.loads(k.PRECHOSEN_FILE.read_text())
     kernel = gpu_tuned(name)
-    for self_case, pull in ((True, True), (False, False)):
-        index = table[k.prechosen_key(name, self_case, pull, dtype, dim)]
-        assert pruned(kernel.tuner(1 << 20), dtype, dim, self_case, pull) == [KERNELS[name][index]]
+    for self_case, pull, shift in ((True, True, True), (False, False, False), (True, False, False)):
+        index = table[k.prechosen_key(name, self_case, pull, shift, dtype, dim)]
+        assert pruned(kernel.tuner(1 << 20), dtype, dim, self_case, pull, shift) == [KERNELS[name][index]]
         # at or below 65,536 rows every config is timed
-        assert pruned(kernel.tuner(1 << 16), dtype, dim, self_case, pull) == KERNELS[name]
+        assert pruned(kernel.tuner(1 << 16), dtype, dim, self_case, pull, shift) == KERNELS[name]
 
 
 def test_tune_all_times_every_config(monkeypatch):

@@ -52,5 +52,5 @@ def test_fused_op_passes_torch_library_checks(backend):
     u = torch.nn.functional.normalize(b["z"]).requires_grad_()
     cand = torch.nn.functional.normalize(b["candidates"]).requires_grad_()
     for candidates, labels in ((None, None), (cand, b["candidate_labels"])):
-        args = (u, b["labels"], b["forget_mask"], b["instance_ids"], candidates, labels, 0.2, True, -100, backend)
+        args = (u, b["labels"], b["forget_mask"], b["instance_ids"], candidates, labels, 0.2, True, -100, True, backend)
         torch.library.opcheck(ops.contrast_forward, args)

@@ -88,7 +88,7 @@ def test_the_backward_launcher_keeps_one_fp32_gradient_buffer(stubbed, dtype):
     stats = (torch.zeros(ROWS), torch.zeros(ROWS), torch.zeros(ROWS, dtype=torch.int32))
     grad = torch.ones(ROWS)
     with Allocations() as recorded:
-        du, dc = stubbed.backward(grad, u, labels, forget, ids, None, None, *stats, 0.5, True, -100, True, False)
+        du, dc = stubbed.backward(grad, u, labels, forget, ids, None, None, *stats, 0.5, True, -100, True, True, False)
     assert dc is None and du.dtype == torch.float32
     assert sizes(recorded.log, CHUNK_ROWS * DIM * 4, 1 << 40) == [((ROWS, DIM), "torch.float32")]
     assert ops.memory_plan(ROWS, DIM, dtype)["du_fp32"] == du.untyped_storage().nbytes()

@@ -132,3 +132,19 @@ def test_fp16_gradient_with_tiny_coefficients(backend):
     scale = want.abs().max()
     rounding = ((want.half().double() - want).abs().max() / scale).item()
     assert ((got.cpu() - want).abs().max() / scale).item() <= 1.5 * rounding + 1e-3
+
+
+@pytest.mark.parametrize("temperature", [0.05, 0.0499])
+@pytest.mark.parametrize("pull", ["logsumexp", "mean"])
+def test_similarities_at_both_bounds_near_the_fixed_shift_threshold(backend, temperature, pull):
+    """Rows +-v: every similarity is +1 or -1. With unit rows and a temperature of 0.05 or more
+    the Triton kernels shift every exponential by the bound 1/temperature instead of a running
+    maximum (a term at -1 is then 2^-58 before the per-row rescale); just below 0.05 they keep
+    the running maximum. Both must match the reference."""
+    batch = make_batch(30, 16, views=2, classes=3, seed=4, device=backend_device(backend))
+    sign = torch.where(batch["labels"] % 2 == 0, 1.0, -1.0).to(batch["z"].device)
+    batch["z"] = sign[:, None] * torch.linspace(-1.0, 1.0, 16, device=batch["z"].device)
+    options = dict(temperature=temperature, forget_pull=pull)
+    got = loss_and_grads(contrastive_unlearn_loss, batch, backend=backend, **options)
+    want = reference_float64(batch, **options)
+    assert_matches(got, want, torch.float32, temperature, f"{backend} at {temperature}")
