@@ -45,7 +45,7 @@ DTYPES = ("fp32", "fp16", "bf16")
 # bound; "running": a running maximum (normalize=False, or smaller temperatures)
 SHIFTS = ("fixed", "running")
 ARG_TYPES = {  # U and C take the input dtype; every other argument is a constexpr
-    "A_LABEL": "*i64", "A_INST": "*i64", "C_LABEL": "*i64", "C_INST": "*i64",
+    "A_LABEL": "*i32", "A_INST": "*i32", "C_LABEL": "*i32", "C_INST": "*i32",
     "A_FORGET": "*i8", "C_FORGET": "*i8", "COUNT": "*i32",
     "LOSS": "*fp32", "LSE_A": "*fp32", "LSE_P": "*fp32", "GRAD": "*fp32", "DU": "*fp32", "DC": "*fp32",
     "M": "i32", "N": "i32", "D": "i32", "stride_u": "i32", "stride_c": "i32", "stride_du": "i32",

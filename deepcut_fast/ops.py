@@ -68,6 +68,31 @@ def _fused_module(backend: str):
     raise ValueError(f"no fused implementation named {backend!r}")
 
 
+def int32_keys(labels, instance_ids, candidate_labels, ignore_index):
+    """(labels, instance ids, candidate labels, ignore_index) as int32, which the Triton kernels
+    compare on every pair (int64 compares cost about twice the instructions and registers, enough
+    to spill). A plain cast when every value and ignore_index fit; otherwise dense codes that keep
+    every equality, with ignored labels coded -1 (and -1 as the ignore_index)."""
+    keys = [k for k in (labels, instance_ids, candidate_labels) if k is not None and k.numel()]
+    lo, hi = torch.stack([torch.stack(k.aminmax()) for k in keys]).T.tolist() if keys else ([0], [0])
+    narrow = torch.iinfo(torch.int32)
+    if narrow.min <= min(lo + [ignore_index]) and max(hi + [ignore_index]) <= narrow.max:
+        return tuple(None if k is None else k.to(torch.int32) for k in (labels, instance_ids, candidate_labels)) + (
+            ignore_index,)
+    both = labels if candidate_labels is None else torch.cat([labels, candidate_labels])
+    codes = torch.unique(both, return_inverse=True)[1].to(torch.int32).masked_fill_(both == ignore_index, -1)
+    ids = torch.unique(instance_ids, return_inverse=True)[1].to(torch.int32)
+    label_codes, candidate_codes = codes[:labels.shape[0]], None if candidate_labels is None else codes[labels.shape[0]:]
+    return label_codes, ids, candidate_codes, -1
+
+
+def backend_keys(backend, labels, instance_ids, candidate_labels, ignore_index):
+    """The per-row keys as ``backend`` reads them: int32 for Triton, int64 for the CPU kernel."""
+    if backend == "triton":
+        return int32_keys(labels, instance_ids, candidate_labels, ignore_index)
+    return labels, instance_ids, candidate_labels, ignore_index
+
+
 @torch.library.custom_op("deepcut_fast::contrast_forward", mutates_args=())
 def contrast_forward(u: Tensor, labels: Tensor, forget: Tensor, instance_ids: Tensor,
                      candidates: Optional[Tensor], candidate_labels: Optional[Tensor],
@@ -77,6 +102,8 @@ def contrast_forward(u: Tensor, labels: Tensor, forget: Tensor, instance_ids: Te
     log-sum-exps are in the backend's own units and go back only to its backward. ``unit_rows``:
     u and the candidates are unit vectors (normalize=True), so every similarity is at most 1 and
     a backend may shift its exponentials by that bound instead of a running maximum."""
+    labels, instance_ids, candidate_labels, ignore_index = backend_keys(backend, labels, instance_ids,
+                                                                        candidate_labels, ignore_index)
     return _fused_module(backend).forward(u, labels, forget, instance_ids, candidates,
                                           candidate_labels, temperature, pull_lse, ignore_index, unit_rows)
 
@@ -97,6 +124,8 @@ def contrast_backward(grad_loss: Tensor, u: Tensor, labels: Tensor, forget: Tens
                       unit_rows: bool, backend: str, need_anchor_grad: bool,
                       need_candidate_grad: bool) -> tuple[Tensor, Tensor]:
     """(dL/du, dL/dcandidates) in the inputs' dtypes; a gradient not needed is empty."""
+    labels, instance_ids, candidate_labels, ignore_index = backend_keys(backend, labels, instance_ids,
+                                                                        candidate_labels, ignore_index)
     du, dc = _fused_module(backend).backward(
         grad_loss, u, labels, forget, instance_ids, candidates, candidate_labels, lse_a, lse_p,
         count, temperature, pull_lse, ignore_index, unit_rows, need_anchor_grad, need_candidate_grad)
@@ -205,7 +234,8 @@ def memory_plan(rows: int, dim: int, dtype: torch.dtype) -> dict:
 def canonical_rows(x):
     """Per-row labels, instance ids and flags as the kernels read them: contiguous, and integers
     as int64 whatever integer dtype they came in (an unsigned byte cannot hold ignore_index, -100,
-    or the kernels' padding values)."""
+    or the kernels' padding values). The Triton backend narrows the keys to int32 inside the op
+    (``int32_keys``)."""
     if x is None:
         return None
     return (x if x.dtype == torch.bool else x.to(torch.int64)).contiguous()

@@ -148,3 +148,20 @@ def test_similarities_at_both_bounds_near_the_fixed_shift_threshold(backend, tem
     got = loss_and_grads(contrastive_unlearn_loss, batch, backend=backend, **options)
     want = reference_float64(batch, **options)
     assert_matches(got, want, torch.float32, temperature, f"{backend} at {temperature}")
+
+
+@pytest.mark.parametrize("candidates", [None, 23])
+def test_keys_beyond_int32(backend, candidates):
+    """Labels, instance ids and ignore_index beyond the int32 range: the Triton kernels compare
+    int32 keys, so the op codes such keys densely (keeping every equality) and must still match."""
+    batch = make_batch(20, 16, views=2, classes=3, ignore_frac=0.2, n_candidates=candidates, seed=5,
+                       device=backend_device(backend))
+    ignore = 2 ** 41
+    for key in ("labels", "candidate_labels"):
+        if batch.get(key) is not None:
+            batch[key] = torch.where(batch[key] == -100, ignore, batch[key] * 2 ** 33 + 5)
+    batch["instance_ids"] = batch["instance_ids"] * 2 ** 35 - 2 ** 40
+    options = dict(temperature=0.3, ignore_index=ignore)
+    got = loss_and_grads(contrastive_unlearn_loss, batch, backend=backend, **options)
+    want = reference_float64(batch, **options)
+    assert_matches(got, want, torch.float32, 0.3, f"{backend} with wide keys")
