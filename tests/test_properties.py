@@ -5,7 +5,8 @@ bytes included), shapes, memory layouts (strided and transposed embeddings, stri
 temperatures from 1e-4 to 1, unnormalised embeddings up to 1e3 in size, forget and ignore
 masks, candidates, both pulls and all three reductions. A backend must give the reference's
 answer within the dtype's tolerance, or refuse with an error saying that the loss does not fit
-the dtype, and then only where it truly does not.
+the dtype, and then only where it truly does not; a gradient beyond the dtype's range must
+overflow to inf, not to a finite wrong value.
 
 Profiles: the normal run draws DEEPCUT_HYPOTHESIS_EXAMPLES (default 25) cases per backend; the
 long profile (README, "Numerics") is
@@ -90,6 +91,14 @@ def test_every_backend_matches_the_float64_reference(backend, case):
         assert "does not fit in" in str(err), err
         # a refusal is right only where the exact loss is out of the dtype's range
         assert want[0].abs().max().item() > 0.99 * torch.finfo(dtype).max, err
+        return
+    largest = torch.finfo(dtype).max
+    if any(w.abs().max().item() > 0.99 * largest for w in want[1]):
+        # the exact gradient does not fit the dtype: it overflows to inf, as IEEE rounding (and a
+        # GradScaler, which skips such a step) expect, where it is beyond the range
+        for g, w in zip(got[1], want[1]):
+            beyond = w.cpu().abs() > 1.01 * largest
+            assert not torch.isfinite(g.cpu()[beyond]).any(), f"{backend} {drawn}: a finite gradient beyond {dtype}"
         return
     bound, floors = None, (0.0, 0.0)
     if not options["normalize"]:  # the largest logit the rows allow
