@@ -15,8 +15,8 @@ KERNELS = {"forward": k.GPU_FORWARD_CONFIGS, "backward_anchor": k.GPU_BACKWARD_C
 
 def gpu_tuned(name):
     """The kernel with the GPU's configs (the interpreter's launcher has one config, never pruned)."""
-    fn = {"forward": k._forward_kernel, "backward_anchor": k._backward_anchor_kernel,
-          "backward_candidate": k._backward_candidate_kernel}[name]
+    fn = {"forward": k.forward_kernel, "backward_anchor": k.backward_anchor_kernel,
+          "backward_candidate": k.backward_candidate_kernel}[name].fn
     return k.TunedKernel(name, fn, KERNELS[name], KERNELS[name])
 
 
