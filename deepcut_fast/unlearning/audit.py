@@ -17,6 +17,7 @@ import hashlib
 import json
 from pathlib import Path
 
+from deepcut_fast.unlearning.data import json_lines
 from deepcut_fast.unlearning.files import atomic_write
 
 AUDIT_FILE = "audit.jsonl"
@@ -64,16 +65,7 @@ def read_chain(run_dir) -> list:
     path = Path(run_dir) / AUDIT_FILE
     if not path.exists():
         return []
-    records = []
-    for number, line in enumerate(path.read_text().splitlines(), 1):
-        try:
-            record = json.loads(line)
-        except json.JSONDecodeError as err:
-            raise AuditError(f"{path} line {number}: not a JSON record ({err.msg})") from None
-        if not isinstance(record, dict):
-            raise AuditError(f"{path} line {number}: not a JSON object")
-        records.append(record)
-    return records
+    return json_lines(path.read_text(), path, AuditError)
 
 
 def write_chain(run_dir, records):

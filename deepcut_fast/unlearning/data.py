@@ -85,6 +85,12 @@ def _rows_from_file(path: Path):
                                  f"header's {len(reader.fieldnames)}")
             rows.append(row)
         return rows
+    return json_lines(text, path)
+
+
+def json_lines(text, path, error=ValueError):
+    """The JSON objects of a JSON-lines text (blank lines skipped); ``error`` names ``path`` and the
+    line of anything else."""
     rows = []
     for number, line in enumerate(text.splitlines(), start=1):
         if not line.strip():
@@ -92,9 +98,9 @@ def _rows_from_file(path: Path):
         try:
             row = json.loads(line)
         except json.JSONDecodeError as err:
-            raise ValueError(f"{path}, line {number}: not valid JSON ({err.msg} at column {err.colno})") from None
+            raise error(f"{path}, line {number}: not valid JSON ({err.msg} at column {err.colno})") from None
         if not isinstance(row, dict):
-            raise ValueError(f"{path}, line {number}: expected a JSON object per line, got {type(row).__name__}")
+            raise error(f"{path}, line {number}: expected a JSON object per line, got {type(row).__name__}")
         rows.append(row)
     return rows
 
