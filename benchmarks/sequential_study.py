@@ -12,11 +12,13 @@ on the other half). After request k the unlearned model is compared with a model
 requests 1..k (the demo's recipe and seed, cached): accuracy on each earlier request's documents
 (forgetting must not be reversed), test macro-F1, and time against retraining timed right after
 the request. The chain of each sequence is verified with ``audit``. The run folders (data files,
-models) live in ``--work``: each is a normal unlearn output, so a rerun resumes where it stopped.
+models) live in ``--work``: each is a normal unlearn output, so a rerun resumes where it stopped; a finished request's figures are kept beside it
+(``request-<k>.json``) and not measured again.
 ``--out`` receives ``study.json`` and ``study.md`` (the figures per request, mean and sd over
 seeds, and the targets), every sequence's figures and its verified ``audit.jsonl``.
 """
 import argparse
+import json
 import math
 import random
 from pathlib import Path
@@ -60,13 +62,17 @@ def run_sequence(corpus, seed, out: Path, cache: Path, count, fraction):
     rows, previous, forgotten = [], None, []
     for k, positions in enumerate(requests, 1):
         forgotten = sorted(set(forgotten) | set(positions))
+        run, row_file = out / f"request-{k}", out / f"request-{k}.json"
+        if row_file.exists():  # measured by an earlier invocation: its retraining was timed then
+            rows.append(json.loads(row_file.read_text()))
+            previous = run
+            continue
         retain = train.partition(forgotten)[1]
         retrained, retrain_seconds = train_retrained(opts, retain, cache, seed, progress=True)
         reference_dir = cache / cache_name(opts, "retrain", seed, retain)
         ids_file = out / f"request-{k}.txt"
         if not ids_file.exists():
             atomic_write(ids_file, lambda f, p=positions: f.write("".join(train.ids[i] + "\n" for i in p).encode()))
-        run = out / f"request-{k}"
         report = run_unlearn_job(None if previous else original_dir, out / "train.csv", run,
                                  UnlearnConfig(max_length=opts.max_length, seed=seed), dict(ids_file=ids_file),
                                  test_path=out / "test.csv", heldout_path=out / "heldout.csv",
@@ -92,6 +98,7 @@ def run_sequence(corpus, seed, out: Path, cache: Path, count, fraction):
                        retrained_earlier_acc=100 * accuracy_on(retrained, tokenizer, earlier, opts.max_length),
                        earlier_size=len(earlier))
         row["retrain_seconds_same_run"] = timing["retrain_seconds_same_run"]
+        atomic_write_json(row_file, row)
         rows.append(row)
         previous = run
         print(f"{corpus} seed {seed} request {k}: {row}", flush=True)
