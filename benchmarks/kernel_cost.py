@@ -4,14 +4,15 @@
         [--prechosen kernels/prechosen.json]
 
 Every kernel variant that can launch (each autotune config x fp32/fp16/bf16 x self/bank case x
-forget pull, for sm_90 and sm_80) is compiled ahead of time exactly as the runtime specialises
-it: pointers 16-byte aligned and the integer arguments that are multiples of 16 (M, N, D and the
-strides at the shapes below) marked divisible by 16. For each: registers, spill bytes and shared
-memory (``ptxas -v`` from the triton wheel), whether the dots use wgmma (sm_90) / mma.sync
-(sm_80), and from the SASS (``cuobjdump -sass``) of the steady-state loop over tiles (the
-outermost loop; inner loops over D counted once per chunk of D): instructions, MUFU (exp2/log2)
-and tensor-core instructions per pair, a pair being one (anchor, candidate) entry of a tile
-handled by one thread.
+forget pull x shift, for sm_90 and sm_80; the backward's product kernel in both operand layouts)
+is compiled ahead of time exactly as the runtime specialises it: pointers 16-byte aligned and the
+integer arguments that are multiples of 16 (M, N, D, the strides and the scratch's column bounds
+at the shapes below) marked divisible by 16. For each: registers, spill bytes and shared memory
+(``ptxas -v`` from the triton wheel), whether the dots use wgmma (sm_90) / mma.sync (sm_80), and
+from the SASS (``cuobjdump -sass``) of the steady-state loop (the outermost loop; inner loops over
+D counted once per chunk of D): instructions, MUFU (exp2/log2) and tensor-core instructions per
+pair, a pair being one (anchor, candidate) entry handled by one thread (for the product kernel:
+one dL/ds entry consumed, per tile of output columns).
 
 Per loss call it reports GEMM-equivalents (tensor-core work / 2MND) of the forward and backward
 and a roofline estimate for an H100 SXM of their time and of their fraction of a same-shape
@@ -19,9 +20,14 @@ bf16/fp16 matmul (forward: 2MND useful flops, backward: 4MND), at N = M = 32k wi
 768. The model, all modelled and none measured:
 - 132 SMs at 1.83 GHz; 989.4 dense bf16/fp16 tensor TFLOP/s (1024 FMA per clock per SM);
 - 4 warp instructions issued per clock per SM (128 thread instructions); 16 MUFU results per
-  clock per SM;
-- a kernel takes the longest of its tensor, issue and MUFU times (perfect overlap: optimistic),
-  with the autotuner's best config; fp32 records get no fraction (no bf16 tensor-core peak).
+  clock per SM; 3.35 TB/s of HBM3;
+- HBM traffic counts the backward's dL/ds scratch (written once, read by both products), the
+  products' fp32 read-modify-write of their output once per block of scratch columns and their
+  other operand once per block; tiles re-read within a launch are taken as L2 hits (optimistic),
+  and the forward's O((M + N) D) reads as free;
+- a kernel takes the longest of its tensor, issue, MUFU and HBM times (perfect overlap:
+  optimistic), with the autotuner's best config; fp32 records get no fraction (no bf16
+  tensor-core peak).
 """
 import argparse
 import itertools
@@ -39,19 +45,26 @@ SMS, CLOCK_HZ = 132, 1.83e9
 TENSOR_FLOPS = 989.4e12
 ISSUE_PER_CLOCK_PER_SM = 128
 MUFU_PER_CLOCK_PER_SM = 16
+HBM_BYTES_PER_S = 3.35e12
+ELEMENT_BYTES = {"fp32": 4, "fp16": 2, "bf16": 2}
 SHAPES = [(32 * 1024, 128), (32 * 1024, 768)]  # (M = N, D)
 DTYPES = ("fp32", "fp16", "bf16")
 # "fixed": unit rows at a temperature >= 0.05 (the default loss), one exp per pair shifted by the
 # bound; "running": a running maximum (normalize=False, or smaller temperatures)
 SHIFTS = ("fixed", "running")
-ARG_TYPES = {  # U and C take the input dtype; every other argument is a constexpr
+ARG_TYPES = {  # U, C, DS, A and B take the input dtype; every other argument is a constexpr
     "A_LABEL": "*i32", "A_INST": "*i32", "C_LABEL": "*i32", "C_INST": "*i32",
     "A_FORGET": "*i8", "C_FORGET": "*i8", "COUNT": "*i32",
-    "LOSS": "*fp32", "LSE_A": "*fp32", "LSE_P": "*fp32", "GRAD": "*fp32", "DU": "*fp32", "DC": "*fp32",
-    "M": "i32", "N": "i32", "D": "i32", "stride_u": "i32", "stride_c": "i32", "stride_du": "i32",
-    "stride_dc": "i32", "ignore_index": "i32", "qk_scale": "fp32", "grad_scale": "fp32",
+    "LOSS": "*fp32", "LSE_A": "*fp32", "LSE_P": "*fp32", "GRAD": "*fp32", "OUT": "*fp32",
+    "M": "i32", "N": "i32", "D": "i32", "K": "i32", "stride_u": "i32", "stride_c": "i32", "stride_ds": "i32",
+    "stride_a": "i32", "stride_b": "i32", "stride_out": "i32", "col_start": "i32", "col_end": "i32",
+    "span": "i32", "ignore_index": "i32", "qk_scale": "fp32", "scale": "fp32",
 }
-DIVISIBLE_INTS = {"M", "N", "D", "stride_u", "stride_c", "stride_du", "stride_dc"}  # at the shapes above
+INPUT_DTYPE_ARGS = {"U", "C", "DS", "A", "B"}
+# at the shapes above
+DIVISIBLE_INTS = {"M", "N", "D", "K", "stride_u", "stride_c", "stride_ds", "stride_a", "stride_b", "stride_out",
+                  "col_start", "col_end", "span"}
+PRODUCT_LAYOUTS = ("dS", "dS^T")  # du += dS @ c, dc += dS^T @ u (TRANS_A)
 
 
 def kernels():
@@ -60,20 +73,21 @@ def kernels():
     from deepcut_fast.kernels import contrastive as k
 
     return {"forward": (k.forward_kernel.fn, k.GPU_FORWARD_CONFIGS),
-            "backward_anchor": (k.backward_anchor_kernel.fn, k.GPU_BACKWARD_CONFIGS),
-            "backward_candidate": (k.backward_candidate_kernel.fn, k.GPU_BACKWARD_CONFIGS)}
+            "score_grad": (k.score_grad_kernel.fn, k.GPU_SCORE_GRAD_CONFIGS),
+            "product": (k.product_kernel.fn, k.GPU_PRODUCT_CONFIGS)}
 
 
-def compile_variant(fn, config, dtype, arch, self_case, pull_lse, precision, fixed_shift=True):
+def compile_variant(fn, config, dtype, arch, self_case, pull_lse, precision, fixed_shift=True, transpose_a=False):
     """triton.compile of one variant for sm_<arch>, specialised as the runtime would."""
     import triton
     from triton.backends.compiler import GPUTarget
     from triton.compiler import ASTSource
 
-    signature = {name: ARG_TYPES.get(name, f"*{dtype}" if name in ("U", "C") else "constexpr")
+    signature = {name: ARG_TYPES.get(name, f"*{dtype}" if name in INPUT_DTYPE_ARGS else "constexpr")
                  for name in fn.arg_names}
-    constexprs = dict(config.kwargs, SELF=self_case, PULL_LSE=pull_lse, UPCAST=False, PRECISION=precision,
-                      FIXED_SHIFT=fixed_shift)
+    flags = dict(SELF=self_case, PULL_LSE=pull_lse, UPCAST=False, PRECISION=precision, FIXED_SHIFT=fixed_shift,
+                 TRANS_A=transpose_a)
+    constexprs = dict(config.kwargs, **{name: value for name, value in flags.items() if name in fn.arg_names})
     attrs = {(i,): [["tt.divisibility", 16]] for i, name in enumerate(fn.arg_names)
              if signature[name].startswith("*") or name in DIVISIBLE_INTS}
     source = ASTSource(fn=fn, signature=signature, constexprs=constexprs, attrs=attrs)
@@ -149,23 +163,38 @@ def variants(archs, dtypes):
         for kernel, (fn, configs) in kernels().items():
             for dtype in dtypes:
                 for index, config in enumerate(configs):
-                    for case, pull, shift in itertools.product(("self", "bank"), (True, False), SHIFTS):
+                    if kernel == "product":
+                        branches = [(layout, None, None) for layout in PRODUCT_LAYOUTS]
+                    else:
+                        branches = itertools.product(("self", "bank"), (True, False), SHIFTS)
+                    for case, pull, shift in branches:
                         yield dict(kernel=kernel, config=index, arch=arch, dtype=dtype, case=case, pull=pull,
                                    shift=shift, precision=dot_precision(torch_dtypes[dtype])), fn, config
 
 
+def pairs_per_iteration(kernel, block, threads, dim):
+    """Pairs one thread handles per iteration of the steady-state loop: a tile of (anchor,
+    candidate) entries, or for the product a BLOCK_M x BLOCK_K block of dL/ds consumed for one of
+    the ceil(D / BLOCK_N) tiles of output columns."""
+    if kernel == "product":
+        return block["BLOCK_M"] * block["BLOCK_K"] / (threads * math.ceil(dim / block["BLOCK_N"]))
+    return block["BLOCK_M"] * block["BLOCK_N"] / threads
+
+
 def measure(record, fn, config):
     compiled = compile_variant(fn, config, record["dtype"], record["arch"], record["case"] == "self",
-                               record["pull"], record["precision"], record["shift"] == "fixed")
+                               record["pull"], record["precision"], record["shift"] == "fixed",
+                               record["case"] == "dS^T")
     registers, spills = ptxas_stats(compiled, record["arch"])
     kw = config.kwargs
-    pairs = kw["BLOCK_M"] * kw["BLOCK_N"] / (32 * config.num_warps)  # per thread per loop iteration
     record.update(regs=registers, spill_bytes=spills, shared_bytes=compiled.metadata.shared,
                   mma=mma_instructions(compiled), block=dict(kw, num_warps=config.num_warps,
                                                              num_stages=config.num_stages))
     lines = sass_lines(compiled)
     for _, dim in SHAPES:
-        profile = loop_profile(lines, math.ceil(dim / kw["BLOCK_K"]))
+        pairs = pairs_per_iteration(record["kernel"], kw, 32 * config.num_warps, dim)
+        d_chunks = 1 if record["kernel"] == "product" else math.ceil(dim / kw["BLOCK_K"])
+        profile = loop_profile(lines, d_chunks)
         if profile is not None:
             count, mufu, tensor = profile
             record.setdefault("per_pair", {})[f"D{dim}"] = dict(sass=count / pairs, mufu=mufu / pairs,
@@ -182,50 +211,74 @@ def _measure_variant(record):
     return measure(record, fn, configs[record["config"]])
 
 
-def gemm_equivalents(kernel, config, dim):
-    """Tensor-core work of one kernel over the whole call, in units of 2MND."""
-    if kernel == "forward":
-        return 1.0
-    chunks = math.ceil(dim / config["BLOCK_DO"])  # every chunk of output features recomputes S
-    return chunks + 1.0
+def gemm_equivalents(kernel):
+    """Tensor-core work of one kernel over the whole call, in units of 2MND: the forward and
+    score_grad each compute S once, each product is one GEMM of that size."""
+    return 1.0
+
+
+def hbm_bytes(record, rows, dim):
+    """Modelled HBM traffic of one kernel over a call at M = N = rows (see the module docstring)."""
+    from deepcut_fast.kernels.contrastive import scratch_columns
+
+    element = ELEMENT_BYTES[record["dtype"]]
+    scores = rows * rows * element
+    if record["kernel"] == "score_grad":
+        return scores
+    if record["kernel"] == "product":
+        blocks = math.ceil(rows / scratch_columns(rows, rows, element))
+        if record["case"] == "dS":  # du (all rows) updated once per block, c read once
+            return scores + rows * dim * (8 * blocks + element)
+        return scores + rows * dim * (element * blocks + 8)  # u read once per block, dc rows once
+    return 0
 
 
 def kernel_time(record, rows, dim):
     pairs = rows * rows
     per_pair = record["per_pair"][f"D{dim}"]
-    tensor = gemm_equivalents(record["kernel"], record["block"], dim) * 2 * rows * rows * dim / TENSOR_FLOPS
+    tensor = gemm_equivalents(record["kernel"]) * 2 * rows * rows * dim / TENSOR_FLOPS
     issue = pairs * per_pair["sass"] / (ISSUE_PER_CLOCK_PER_SM * SMS * CLOCK_HZ)
     mufu = pairs * per_pair["mufu"] / (MUFU_PER_CLOCK_PER_SM * SMS * CLOCK_HZ)
-    return max(tensor, issue, mufu)
+    memory = hbm_bytes(record, rows, dim) / HBM_BYTES_PER_S
+    return max(tensor, issue, mufu, memory)
+
+
+def _fastest(records, rows, dim):
+    """(modelled seconds, record) of the fastest config among ``records``."""
+    return min(((kernel_time(r, rows, dim), r) for r in records), key=lambda pair: pair[0])
 
 
 def calls(records):
-    """Per (dtype, case, pull, shape) on sm_90: GEMM-equivalents and modelled fractions of a call."""
+    """Per (dtype, case, pull, shift, shape) on sm_90: GEMM-equivalents and modelled fractions of a
+    call: the forward, and the backward's score_grad and both products."""
     out = []
     def variant(r):
         return r["arch"], r["dtype"], r["case"], r["pull"], r["shift"]
 
-    for arch, dtype, case, pull, shift in sorted({variant(r) for r in records if r["arch"] == 90}):  # an H100 model
-        mine = [r for r in records if variant(r) == (arch, dtype, case, pull, shift) and "per_pair" in r]
+    measured = [r for r in records if "per_pair" in r]
+    loss_variants = {variant(r) for r in measured if r["arch"] == 90 and r["kernel"] != "product"}  # an H100 model
+    for arch, dtype, case, pull, shift in sorted(loss_variants):
+        mine = [r for r in measured if variant(r) == (arch, dtype, case, pull, shift)]
         for rows, dim in SHAPES:
-            best = {}
-            for r in mine:
-                t = kernel_time(r, rows, dim)
-                if r["kernel"] not in best or t < best[r["kernel"]][0]:
-                    best[r["kernel"]] = (t, r)
-            if len(best) < 3:
+            parts = {kernel: [r for r in mine if r["kernel"] == kernel] for kernel in ("forward", "score_grad")}
+            parts.update({f"product {layout}": [r for r in measured if r["kernel"] == "product" and
+                                                (r["arch"], r["dtype"], r["case"]) == (arch, dtype, layout)]
+                          for layout in PRODUCT_LAYOUTS})
+            if not all(parts.values()):
                 continue
-            fwd_t, fwd = best["forward"]
-            bwd = [best["backward_anchor"], best["backward_candidate"]]
-            bwd_t = sum(t for t, _ in bwd)
+            best = {name: _fastest(found, rows, dim) for name, found in parts.items()}
+            fwd_t = best["forward"][0]
+            backward = [name for name in best if name != "forward"]
+            bwd_t = sum(best[name][0] for name in backward)
             half = dtype != "fp32"
             out.append(dict(arch=arch, dtype=dtype, case=case, pull=pull, shift=shift, n=rows, dim=dim,
-                            gemm_equivalents_fwd=1.0,
-                            gemm_equivalents_bwd=sum(gemm_equivalents(r["kernel"], r["block"], dim) for _, r in bwd),
+                            gemm_equivalents_fwd=gemm_equivalents("forward"),
+                            gemm_equivalents_bwd=sum(gemm_equivalents(best[name][1]["kernel"]) for name in backward),
                             modelled_seconds_fwd=fwd_t, modelled_seconds_bwd=bwd_t,
+                            modelled_seconds={name: t for name, (t, _) in best.items()},
                             modelled_fraction_fwd=(2 * rows * rows * dim / TENSOR_FLOPS) / fwd_t if half else None,
                             modelled_fraction_bwd=(4 * rows * rows * dim / TENSOR_FLOPS) / bwd_t if half else None,
-                            configs={k: r["config"] for k, (_, r) in best.items()}))
+                            configs={name: r["config"] for name, (_, r) in best.items()}))
     return out
 
 
@@ -237,7 +290,8 @@ def prechosen_table(call_rows):
     dtypes = {name: dtype for dtype, name in DTYPE_NAMES.items()}
     table = {}
     for c in call_rows:
-        for kernel, index in c["configs"].items():
+        for kernel in ("forward", "score_grad"):  # the product is timed at every size (a short GEMM)
+            index = c["configs"][kernel]
             table[prechosen_key(kernel, c["case"] == "self", c["pull"], c["shift"] == "fixed", dtypes[c["dtype"]],
                                 c["dim"])] = index
     return dict(sorted(table.items()))
@@ -250,8 +304,9 @@ def markdown(records, call_rows):
         if r["dtype"] != "bf16" or r["arch"] != 90:
             continue
         mma = "yes" if r["mma"] else "no"
-        lines.append(f"| {r['kernel']} | {r['config']} | sm_{r['arch']} | {r['dtype']} | {r['case']} | {r['pull']} | "
-                     f"{r['shift']} | {r['regs']} | {r['spill_bytes']} | {r['shared_bytes'] / 1024:.1f} | {mma} | "
+        pull, shift = ("—", "—") if r["kernel"] == "product" else (r["pull"], r["shift"])
+        lines.append(f"| {r['kernel']} | {r['config']} | sm_{r['arch']} | {r['dtype']} | {r['case']} | {pull} | "
+                     f"{shift} | {r['regs']} | {r['spill_bytes']} | {r['shared_bytes'] / 1024:.1f} | {mma} | "
                      f"{r['sass_per_pair'] or 0:.1f} | {r['mufu_per_pair'] or 0:.2f} |")
     lines += ["", "| arch | dtype | case | pull | shift | N = M | D | GEMM-eq fwd | GEMM-eq bwd | modelled fwd / matmul "
               "| modelled bwd / matmul |", "|---" * 11 + "|"]

@@ -214,20 +214,24 @@ def memory_plan(rows: int, dim: int, dtype: torch.dtype) -> dict:
     in ``dtype``, normalised, Triton backend), by name -> bytes, and ``peak``: the most that is
     alive at once, z and its gradient included. O(rows) vectors (labels, ids, flags, per-anchor
     statistics, the reduction) are summed as ``per_row``; tiles live in registers and shared
-    memory, and nothing of size rows x rows exists. ``tests/test_memory_plan.py`` checks that the
-    op allocates exactly these [rows, dim] buffers and otherwise only chunks and O(rows) vectors."""
+    memory, dL/ds exists one bounded block of columns at a time (``ds_scratch``), and nothing of
+    size rows x rows exists beyond it. ``tests/test_memory_plan.py`` checks that the op allocates
+    exactly these [rows, dim] buffers and the scratch, and otherwise only chunks and O(rows) vectors."""
     element = torch.empty(0, dtype=dtype).element_size()
     full = rows * dim * element
     chunk = min(rows, chunk_rows(dim)) * dim * 4
-    plan = dict(z=full, unit_rows=full, du_fp32=rows * dim * 4, du=full, dz=full,
-                per_row=rows * 128, normalize_scratch=8 * chunk)
+    columns = _triton_module().scratch_columns(rows, rows, element)
+    plan = dict(z=full, unit_rows=full, du_fp32=rows * dim * 4, ds_scratch=rows * columns * element, du=full,
+                dz=full, per_row=rows * 128, normalize_scratch=8 * chunk)
     if dtype == torch.float32:  # the cast of du to the input dtype is du itself
         plan["du"] = 0
-    # the peak is in the backward: the op's du in fp32 and its cast, beside z and the unit rows;
-    # then the normalisation's backward (z, du, dz and its scratch chunks)
+    # the peak is in the backward: the op's du in fp32 beside z and the unit rows, with the dL/ds
+    # scratch while the kernels run and then du's cast; then the normalisation's backward (z, du,
+    # dz and its scratch chunks)
+    during_kernels = plan["z"] + plan["unit_rows"] + plan["du_fp32"] + plan["ds_scratch"]
     during_cast = plan["z"] + plan["unit_rows"] + plan["du_fp32"] + plan["du"]
     during_normalisation = plan["z"] + plan["du"] + plan["dz"] + plan["normalize_scratch"]
-    plan["peak"] = max(during_cast, during_normalisation) + plan["per_row"]
+    plan["peak"] = max(during_kernels, during_cast, during_normalisation) + plan["per_row"]
     return plan
 
 

@@ -5,10 +5,14 @@ an online log-sum-exp over the contrast set A(i), another over the positives P(i
 "logsumexp" forget pull), and the sum and count of positive similarities. Only these O(M)
 statistics are written; the M x N similarity matrix never exists.
 
-Backward (FlashAttention style): similarities are recomputed tile by tile from the saved
-log-sum-exps. One kernel walks candidate tiles for a block of anchors and writes dL/du; a
-second walks anchor tiles for a block of candidates and writes dL/dc. Each program owns its
-output rows, so there are no atomics and the result is deterministic.
+Backward: dL/ds is computed once per pair, from similarities recomputed tile by tile with the
+saved log-sum-exps, and written for one block of candidate columns at a time into a bounded
+scratch (DS_SCRATCH_BYTES, in the inputs' dtype); two plain tiled products then take it to the
+rows: dL/du += dS @ c and dL/dc += dS^T @ u, accumulated in fp32 in place. That is three
+GEMM-equivalents (2MND each) at any D, against 2 (ceil(D / chunk) + 1) for kernels that
+recompute S for every chunk of output features (a register-resident output caps the chunk near
+256), and the mask and exp work is done once per pair instead of twice. No atomics: each
+program owns its output tile, so the result is deterministic.
 
 Logits are kept in base 2 (s2 = s * log2(e)) so the kernels use exp2/log2. The saved
 log-sum-exps stay in base 2 too: they go back only to this module's backward, which subtracts
@@ -51,15 +55,27 @@ GPU_FORWARD_CONFIGS = [
     triton.Config({"BLOCK_M": 64, "BLOCK_N": 64, "BLOCK_K": 64}, num_warps=4, num_stages=3),
     triton.Config({"BLOCK_M": 128, "BLOCK_N": 128, "BLOCK_K": 32}, num_warps=8, num_stages=3),
 ]
-GPU_BACKWARD_CONFIGS = [
-    triton.Config({"BLOCK_M": 64, "BLOCK_N": 64, "BLOCK_K": 64, "BLOCK_DO": 128}, num_warps=4, num_stages=2),
-    triton.Config({"BLOCK_M": 64, "BLOCK_N": 64, "BLOCK_K": 32, "BLOCK_DO": 64}, num_warps=4, num_stages=3),
-    triton.Config({"BLOCK_M": 128, "BLOCK_N": 64, "BLOCK_K": 64, "BLOCK_DO": 128}, num_warps=8, num_stages=2),
+# dL/ds tiles: the forward's tiles (the same dot in the same order, see score_grad)
+GPU_SCORE_GRAD_CONFIGS = GPU_FORWARD_CONFIGS
+GPU_PRODUCT_CONFIGS = [
+    triton.Config({"BLOCK_M": 128, "BLOCK_N": 128, "BLOCK_K": 64}, num_warps=8, num_stages=3),
+    triton.Config({"BLOCK_M": 128, "BLOCK_N": 64, "BLOCK_K": 64}, num_warps=4, num_stages=4),
+    triton.Config({"BLOCK_M": 64, "BLOCK_N": 128, "BLOCK_K": 64}, num_warps=4, num_stages=4),
 ]
 # The interpreter runs one config only (autotune over several fails there); small GPU-legal
 # tiles keep it quick and still exercise ragged edges at test sizes.
 INTERPRET_FORWARD_CONFIGS = [triton.Config({"BLOCK_M": 32, "BLOCK_N": 32, "BLOCK_K": 64})]
-INTERPRET_BACKWARD_CONFIGS = [triton.Config({"BLOCK_M": 32, "BLOCK_N": 32, "BLOCK_K": 64, "BLOCK_DO": 64})]
+INTERPRET_SCORE_GRAD_CONFIGS = INTERPRET_FORWARD_CONFIGS
+INTERPRET_PRODUCT_CONFIGS = [triton.Config({"BLOCK_M": 32, "BLOCK_N": 32, "BLOCK_K": 32})]
+
+# The backward's dL/ds scratch: [M, columns] in the inputs' dtype, columns a power of two such that
+# it holds at most this many bytes (at least MIN_SCRATCH_COLUMNS; never more than N needs). At
+# 32k anchors in bf16: 2,048 columns. Wider blocks re-read and re-write dL/du fewer times
+# (fp32, once per block), narrower ones keep the loss's memory near O((M + N) D).
+DS_SCRATCH_BYTES = 128 << 20
+MIN_SCRATCH_COLUMNS = 256
+# Columns of one block that one score_grad program walks (the grid's second axis splits the rest)
+SCORE_GRAD_SPAN = 1024
 
 
 @triton.jit
@@ -182,15 +198,6 @@ def _candidate_tile(U, C, C_LABEL, C_FORGET, C_INST, rows, row_ok, a_label, a_fo
 
 
 @triton.jit
-def _accumulate_grad(acc, ds, x, UPCAST: tl.constexpr, PRECISION: tl.constexpr):
-    """acc += ds @ x; on a GPU in x's dtype (tensor cores, like FlashAttention's P @ V). The
-    interpreter rounds ds to x's dtype as well, so that tests see the GPU's rounding."""
-    if UPCAST:
-        return tl.dot(ds.to(x.dtype).to(tl.float32), x.to(tl.float32), acc, input_precision=PRECISION)
-    return tl.dot(ds.to(x.dtype), x, acc, input_precision=PRECISION)
-
-
-@triton.jit
 def _forward_kernel(U, C, A_LABEL, A_FORGET, A_INST, C_LABEL, C_FORGET, C_INST,
                     LOSS, LSE_A, LSE_P, COUNT,
                     M, N, D, stride_u, stride_c, qk_scale, ignore_index,
@@ -242,78 +249,66 @@ def _forward_kernel(U, C, A_LABEL, A_FORGET, A_INST, C_LABEL, C_FORGET, C_INST,
 
 
 @triton.jit
-def _backward_anchor_kernel(U, C, A_LABEL, A_FORGET, A_INST, C_LABEL, C_FORGET, C_INST,
-                            GRAD, LSE_A, LSE_P, COUNT, DU,
-                            M, N, D, stride_u, stride_c, stride_du, qk_scale, grad_scale,
-                            ignore_index,
-                            SELF: tl.constexpr, PULL_LSE: tl.constexpr, UPCAST: tl.constexpr,
-                            PRECISION: tl.constexpr, FIXED_SHIFT: tl.constexpr, BLOCK_M: tl.constexpr,
-                            BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, BLOCK_DO: tl.constexpr):
-    """dL/du for BLOCK_M anchors x BLOCK_DO output features: sum_j dL/ds_ij c_j / tau."""
+def _score_grad_kernel(U, C, A_LABEL, A_FORGET, A_INST, C_LABEL, C_FORGET, C_INST,
+                       GRAD, LSE_A, LSE_P, COUNT, DS,
+                       M, D, stride_u, stride_c, stride_ds, col_start, col_end, span, qk_scale, ignore_index,
+                       SELF: tl.constexpr, PULL_LSE: tl.constexpr, UPCAST: tl.constexpr,
+                       PRECISION: tl.constexpr, FIXED_SHIFT: tl.constexpr, BLOCK_M: tl.constexpr,
+                       BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr):
+    """dL/ds (scaled: see backward) of BLOCK_M anchors against candidates [first, first + span)
+    of the block [col_start, col_end), rounded to DS's dtype, into DS[anchor, candidate - col_start].
+
+    Tiles are computed as the forward computes them ([anchors, candidates], the same dot in the
+    same order), so that s2 - lse2 is exactly 0 where the forward found the maximum: with large
+    unnormalised logits, one rounding of s2 is a large error in exp2(s2 - lse2).
+    """
     rows = tl.program_id(0) * BLOCK_M + tl.arange(0, BLOCK_M)
     row_ok = rows < M
     a_label, a_forget, coef, lse_a2, lse_p2, inv_count = _load_anchor_stats(
         A_LABEL, A_FORGET, GRAD, LSE_A, LSE_P, COUNT, rows, row_ok, ignore_index)
     a_inst = tl.load(A_INST + rows, mask=row_ok, other=-1)
-    dims = tl.program_id(1) * BLOCK_DO + tl.arange(0, BLOCK_DO)
-    dim_ok = dims < D
-
-    acc = tl.zeros((BLOCK_M, BLOCK_DO), dtype=tl.float32)
-    for n0 in range(0, N, BLOCK_N):
+    first = col_start + tl.program_id(1) * span
+    last = tl.minimum(first + span, col_end)
+    out_rows = DS + rows.to(tl.int64)[:, None] * stride_ds - col_start
+    for n0 in range(first, last, BLOCK_N):
         cols, col_ok, s2, in_a, in_p = _candidate_tile(
-            U, C, C_LABEL, C_FORGET, C_INST, rows, row_ok, a_label, a_forget, a_inst, n0, N, D,
+            U, C, C_LABEL, C_FORGET, C_INST, rows, row_ok, a_label, a_forget, a_inst, n0, last, D,
             stride_u, stride_c, qk_scale, ignore_index, SELF, UPCAST, PRECISION, BLOCK_M, BLOCK_N, BLOCK_K)
         ds = _logit_grad(s2, in_a, in_p, a_forget[:, None], coef[:, None], lse_a2[:, None],
                          lse_p2[:, None], inv_count[:, None], qk_scale, PULL_LSE, FIXED_SHIFT)
-        c = tl.load(C + cols.to(tl.int64)[:, None] * stride_c + dims[None, :],
-                    mask=col_ok[:, None] & dim_ok[None, :], other=0.0)
-        acc = _accumulate_grad(acc, ds, c, UPCAST, PRECISION)
-    tl.store(DU + rows.to(tl.int64)[:, None] * stride_du + dims[None, :], acc * grad_scale,
-             mask=row_ok[:, None] & dim_ok[None, :])
+        tl.store(out_rows + cols[None, :], ds.to(DS.dtype.element_ty), mask=row_ok[:, None] & col_ok[None, :])
 
 
 @triton.jit
-def _backward_candidate_kernel(U, C, A_LABEL, A_FORGET, A_INST, C_LABEL, C_FORGET, C_INST,
-                               GRAD, LSE_A, LSE_P, COUNT, DC,
-                               M, N, D, stride_u, stride_c, stride_dc, qk_scale, grad_scale,
-                               ignore_index,
-                               SELF: tl.constexpr, PULL_LSE: tl.constexpr, UPCAST: tl.constexpr,
-                               PRECISION: tl.constexpr, FIXED_SHIFT: tl.constexpr, BLOCK_M: tl.constexpr,
-                               BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
-                               BLOCK_DO: tl.constexpr):
-    """dL/dc for BLOCK_N candidates x BLOCK_DO features: sum_i dL/ds_ij u_i / tau.
-
-    Tiles are computed as the forward computes them ([anchors, candidates], the same dot in
-    the same order), so that s2 - lse2 is exactly 0 where the forward found the maximum: with
-    large unnormalised logits, one rounding of s2 is a large error in exp2(s2 - lse2). The
-    product with u then takes dS transposed.
-    """
-    n0 = tl.program_id(0) * BLOCK_N
-    dims = tl.program_id(1) * BLOCK_DO + tl.arange(0, BLOCK_DO)
-    dim_ok = dims < D
-
-    acc = tl.zeros((BLOCK_N, BLOCK_DO), dtype=tl.float32)
-    for m0 in range(0, M, BLOCK_M):
-        rows = m0 + tl.arange(0, BLOCK_M)
-        row_ok = rows < M
-        a_label, a_forget, coef, lse_a2, lse_p2, inv_count = _load_anchor_stats(
-            A_LABEL, A_FORGET, GRAD, LSE_A, LSE_P, COUNT, rows, row_ok, ignore_index)
-        a_inst = tl.load(A_INST + rows, mask=row_ok, other=-1)
-        cols, col_ok, s2, in_a, in_p = _candidate_tile(
-            U, C, C_LABEL, C_FORGET, C_INST, rows, row_ok, a_label, a_forget, a_inst, n0, N, D,
-            stride_u, stride_c, qk_scale, ignore_index, SELF, UPCAST, PRECISION, BLOCK_M, BLOCK_N, BLOCK_K)
-        ds = _logit_grad(s2, in_a, in_p, a_forget[:, None], coef[:, None], lse_a2[:, None],
-                         lse_p2[:, None], inv_count[:, None], qk_scale, PULL_LSE, FIXED_SHIFT)
-        u = tl.load(U + rows.to(tl.int64)[:, None] * stride_u + dims[None, :],
-                    mask=row_ok[:, None] & dim_ok[None, :], other=0.0)
-        acc = _accumulate_grad(acc, tl.trans(ds), u, UPCAST, PRECISION)
-    cols = n0 + tl.arange(0, BLOCK_N)
-    out = DC + cols.to(tl.int64)[:, None] * stride_dc + dims[None, :]
-    out_ok = (cols < N)[:, None] & dim_ok[None, :]
-    acc = acc * grad_scale
-    if SELF:  # both terms land on z: add to the anchor kernel's rows, no second [M, D] buffer
-        acc += tl.load(out, mask=out_ok, other=0.0)
-    tl.store(out, acc, mask=out_ok)
+def _product_kernel(A, B, OUT, M, N, K, stride_a, stride_b, stride_out, scale,
+                    TRANS_A: tl.constexpr, UPCAST: tl.constexpr, PRECISION: tl.constexpr,
+                    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr):
+    """OUT[M, N] += scale * op(A) @ B in fp32, B [K, N] in rows of stride_b; op(A) is A [M, K] in
+    rows of stride_a, or with TRANS_A the transpose of A [K, M] (dS^T without a transposed copy)."""
+    rows = tl.program_id(0) * BLOCK_M + tl.arange(0, BLOCK_M)
+    cols = tl.program_id(1) * BLOCK_N + tl.arange(0, BLOCK_N)
+    row_ok, col_ok = rows < M, cols < N
+    if TRANS_A:
+        a_base = A + rows[:, None]
+    else:
+        a_base = A + rows.to(tl.int64)[:, None] * stride_a
+    b_base = B + cols[None, :]
+    acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
+    for k0 in range(0, K, BLOCK_K):
+        ks = k0 + tl.arange(0, BLOCK_K)
+        k_ok = ks < K
+        if TRANS_A:
+            a = tl.load(a_base + ks.to(tl.int64)[None, :] * stride_a, mask=row_ok[:, None] & k_ok[None, :], other=0.0)
+        else:
+            a = tl.load(a_base + ks[None, :], mask=row_ok[:, None] & k_ok[None, :], other=0.0)
+        b = tl.load(b_base + ks.to(tl.int64)[:, None] * stride_b, mask=k_ok[:, None] & col_ok[None, :], other=0.0)
+        if UPCAST:  # the interpreter multiplies bf16 dot operands wrongly
+            a = a.to(tl.float32)
+            b = b.to(tl.float32)
+        acc = tl.dot(a, b, acc, input_precision=PRECISION)
+    out = OUT + rows.to(tl.int64)[:, None] * stride_out + cols[None, :]
+    out_ok = row_ok[:, None] & col_ok[None, :]
+    tl.store(out, tl.load(out, mask=out_ok, other=0.0) + acc * scale, mask=out_ok)
 
 
 # Autotuning. The key is D, the case (SELF), the forget pull, the dot precision, the shift and (added by
@@ -350,11 +345,12 @@ def _prechosen_pruner(kernel, table):
 
 class TunedKernel:
     """``kernel[grid, rows](*args, **flags)`` launches the jitted kernel ``fn`` through the
-    autotuner of the bucket of ``rows`` (TUNE_KEY; interpreter: its one config). Buckets above
-    TIMED_TUNING_MAX_ROWS prune the configs to the prechosen one."""
+    autotuner of the bucket of ``rows`` (``key``; interpreter: its one config). With ``prechosen``,
+    buckets above TIMED_TUNING_MAX_ROWS prune the configs to the prechosen one. ``restore``: the
+    arguments that a launch updates in place, restored between timing runs."""
 
-    def __init__(self, name, fn, gpu_configs, interpret_configs):
-        self.name, self.fn = name, fn
+    def __init__(self, name, fn, gpu_configs, interpret_configs, key=TUNE_KEY, prechosen=True, restore=None):
+        self.name, self.fn, self.key, self.prechosen, self.restore = name, fn, key, prechosen, restore
         self.configs = interpret_configs if INTERPRET else gpu_configs
         self.tuners = {}
 
@@ -362,10 +358,11 @@ class TunedKernel:
         bucket = max(1, int(rows) - 1).bit_length()  # rows <= 2 ** bucket
         if bucket not in self.tuners:
             prune = None
-            if 1 << bucket > TIMED_TUNING_MAX_ROWS and PRECHOSEN_FILE.exists():
+            if self.prechosen and 1 << bucket > TIMED_TUNING_MAX_ROWS and PRECHOSEN_FILE.exists():
                 table = json.loads(PRECHOSEN_FILE.read_text())
                 prune = dict(early_config_prune=_prechosen_pruner(self.name, table))
-            self.tuners[bucket] = triton.autotune(configs=self.configs, key=TUNE_KEY, prune_configs_by=prune)(self.fn)
+            self.tuners[bucket] = triton.autotune(configs=self.configs, key=self.key, prune_configs_by=prune,
+                                                  restore_value=self.restore)(self.fn)
         return self.tuners[bucket]
 
     def __getitem__(self, grid_and_rows):
@@ -374,10 +371,12 @@ class TunedKernel:
 
 
 forward_kernel = TunedKernel("forward", _forward_kernel, GPU_FORWARD_CONFIGS, INTERPRET_FORWARD_CONFIGS)
-backward_anchor_kernel = TunedKernel("backward_anchor", _backward_anchor_kernel, GPU_BACKWARD_CONFIGS,
-                                     INTERPRET_BACKWARD_CONFIGS)
-backward_candidate_kernel = TunedKernel("backward_candidate", _backward_candidate_kernel, GPU_BACKWARD_CONFIGS,
-                                        INTERPRET_BACKWARD_CONFIGS)
+score_grad_kernel = TunedKernel("score_grad", _score_grad_kernel, GPU_SCORE_GRAD_CONFIGS,
+                                INTERPRET_SCORE_GRAD_CONFIGS)
+# a GEMM: its best tile depends on the output width (N here, the loss's D), the operand layout and
+# precision; one launch is short even at 1M rows, so every bucket is timed
+product_kernel = TunedKernel("product", _product_kernel, GPU_PRODUCT_CONFIGS, INTERPRET_PRODUCT_CONFIGS,
+                             key=["N", "TRANS_A", "PRECISION"], prechosen=False, restore=["OUT"])
 
 
 def dot_precision(dtype):
@@ -390,7 +389,7 @@ def dot_precision(dtype):
 
 def _launch_args(u, labels, forget, instance_ids, candidates, candidate_labels, temperature,
                  pull_lse, ignore_index, unit_rows):
-    """Shared tensors and flags of the three kernels (self case: candidates are u's rows)."""
+    """Shared tensors and flags of the forward and score_grad kernels (self case: candidates are u's rows)."""
     self_case = candidates is None
     forget = forget.to(torch.int8)
     c = u if self_case else candidates.contiguous()
@@ -424,17 +423,40 @@ def forward(u, labels, forget, instance_ids, candidates, candidate_labels, tempe
     return loss, lse_a, lse_p, count
 
 
+def scratch_columns(rows, cols, element_size):
+    """Candidate columns per block of the backward's dL/ds scratch ([rows, columns]): the largest
+    power of two within DS_SCRATCH_BYTES, at least MIN_SCRATCH_COLUMNS, at most what ``cols`` needs."""
+    fit = DS_SCRATCH_BYTES // max(1, rows * element_size)
+    columns = max(MIN_SCRATCH_COLUMNS, 1 << max(0, fit.bit_length() - 1))
+    return min(columns, max(MIN_SCRATCH_COLUMNS, triton.next_power_of_2(max(1, cols))))
+
+
+def _accumulate_product(out, a, b, scale, transpose_a, precision):
+    """out += scale * op(a) @ b (op: transpose when ``transpose_a``) with the product kernel."""
+    rows, inner = (a.shape[1], a.shape[0]) if transpose_a else a.shape
+    if rows == 0 or inner == 0:
+        return
+    grid = lambda meta: (triton.cdiv(rows, meta["BLOCK_M"]), triton.cdiv(b.shape[1], meta["BLOCK_N"]))  # noqa: E731
+    product_kernel[grid, max(rows, inner)](a, b, out, rows, b.shape[1], inner, a.stride(0), b.stride(0),
+                                           out.stride(0), scale, TRANS_A=transpose_a, UPCAST=INTERPRET,
+                                           PRECISION=precision)
+
+
 def backward(grad_loss, u, labels, forget, instance_ids, candidates, candidate_labels, lse_a,
              lse_p, count, temperature, pull_lse, ignore_index, unit_rows, need_anchor_grad,
              need_candidate_grad):
     """(dL/du, dL/dcandidates) in fp32 given dL/dloss_i; in the self case dL/du holds both
-    sides and the second is None. A gradient that is not needed is None."""
+    sides and the second is None. A gradient that is not needed is None.
+
+    For each block of candidate columns J: dS[:, J] into the scratch (score_grad), then
+    dL/du += dS[:, J] @ c[J] and dL/dc[J] += dS[:, J]^T @ u (product); in the self case both go
+    into one buffer, the rows of z."""
     u = u.contiguous()
     # dS = coef * (softmax - positive weights) is rounded to the input dtype for the tensor-core
-    # product. coef carries the upstream gradient and the group weight / count, easily 1e-6
+    # products. coef carries the upstream gradient and the group weight / count, easily 1e-6
     # and less, which puts most of dS below fp16's normal range (6e-5) or under its smallest
     # subnormal. Normalise the coefficients so the largest is DS_SCALE (|dS| <= DS_SCALE, far
-    # inside fp16), and undo the scale in the fp32 epilogue.
+    # inside fp16), and undo the scale in the products' fp32 epilogue.
     grad_loss = grad_loss.contiguous().to(torch.float32)
     largest = grad_loss.abs().max().item() if grad_loss.numel() else 0.0
     scale = DS_SCALE / largest if largest > 0 else 1.0
@@ -443,19 +465,24 @@ def backward(grad_loss, u, labels, forget, instance_ids, candidates, candidate_l
         u, labels, forget, instance_ids, candidates, candidate_labels, temperature, pull_lse,
         ignore_index, unit_rows)
     M, N, D = scalars[0], scalars[1], scalars[2]
-    stats = (grad_loss, lse_a, lse_p, count)
-    grad_scale = 1.0 / (temperature * scale)
+    c = tensors[1]
     self_case = candidates is None
-    du = dc = None
-    if need_anchor_grad:
-        du = torch.empty(M, D, device=u.device, dtype=torch.float32)
-        grid = lambda meta: (triton.cdiv(M, meta["BLOCK_M"]), triton.cdiv(D, meta["BLOCK_DO"]))  # noqa: E731
-        backward_anchor_kernel[grid, max(M, N)](*tensors, *stats, du, *scalars, du.stride(0), qk_scale,
-                                     grad_scale, ignore, **flags)
-    if need_candidate_grad or (self_case and need_anchor_grad):
-        # the self case accumulates the candidate term into du in place (its rows are z's rows)
-        dc = du if self_case else torch.empty(N, D, device=u.device, dtype=torch.float32)
-        grid = lambda meta: (triton.cdiv(N, meta["BLOCK_N"]), triton.cdiv(D, meta["BLOCK_DO"]))  # noqa: E731
-        backward_candidate_kernel[grid, max(M, N)](*tensors, *stats, dc, *scalars, dc.stride(0), qk_scale,
-                                        grad_scale, ignore, **flags)
+    du = torch.zeros(M, D, device=u.device, dtype=torch.float32) if need_anchor_grad else None
+    # the self case adds the candidate term into du in place (its rows are z's rows)
+    dc = du if self_case else (torch.zeros(N, D, device=u.device, dtype=torch.float32) if need_candidate_grad else None)
+    columns = scratch_columns(M, N, u.element_size())
+    ds = torch.empty(M, columns, device=u.device, dtype=u.dtype) if M and N and (du is not None or dc is not None) else None
+    grad_scale = 1.0 / (temperature * scale)
+    stats = (grad_loss, lse_a, lse_p, count)
+    for start in range(0, N if ds is not None else 0, columns):
+        end = min(start + columns, N)
+        span = min(SCORE_GRAD_SPAN, end - start)
+        grid = lambda meta: (triton.cdiv(M, meta["BLOCK_M"]), triton.cdiv(end - start, span))  # noqa: E731
+        score_grad_kernel[grid, max(M, N)](*tensors, *stats, ds, M, D, u.stride(0), c.stride(0), ds.stride(0),
+                                           start, end, span, qk_scale, ignore, **flags)
+        block = ds[:, :end - start]
+        if du is not None:
+            _accumulate_product(du, block, c[start:end], grad_scale, False, flags["PRECISION"])
+        if dc is not None:
+            _accumulate_product(dc[start:end], block, u, grad_scale, True, flags["PRECISION"])
     return (du, None) if self_case else (du, dc)

@@ -18,14 +18,17 @@ DTYPES = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}
 
 
 def variants(found):
-    """Every (kernel, dtype, config) the autotuner may pick, plus the other constexpr branches."""
+    """Every (kernel, dtype, config) the autotuner may pick, plus the other constexpr branches (the
+    bank case, TF32, the product's transposed operand)."""
     for kernel, (_, configs) in found.items():
         for dtype_name, dtype in DTYPES.items():
             for index in range(len(configs)):
                 yield dict(kernel=kernel, dtype=dtype_name, config=index, self_case=True, pull_lse=True,
-                           precision=dot_precision(dtype))
-        yield dict(kernel=kernel, dtype="bf16", config=0, self_case=False, pull_lse=False, precision="ieee")
-        yield dict(kernel=kernel, dtype="fp32", config=0, self_case=True, pull_lse=True, precision="tf32")
+                           precision=dot_precision(dtype), transpose_a=False)
+        yield dict(kernel=kernel, dtype="bf16", config=0, self_case=False, pull_lse=False, precision="ieee",
+                   transpose_a=kernel == "product")
+        yield dict(kernel=kernel, dtype="fp32", config=0, self_case=True, pull_lse=True, precision="tf32",
+                   transpose_a=kernel == "product")
 
 
 def main(arch):
@@ -33,7 +36,7 @@ def main(arch):
     for v in variants(found):
         fn, configs = found[v["kernel"]]
         compiled = compile_variant(fn, configs[v["config"]], v["dtype"], arch, v["self_case"], v["pull_lse"],
-                                   v["precision"])
+                                   v["precision"], transpose_a=v["transpose_a"])
         results.append(dict(v, arch=arch, shared=compiled.metadata.shared, mma=mma_instructions(compiled)))
     json.dump(results, sys.stdout)
 

@@ -9,14 +9,12 @@ import torch
 from deepcut_fast.kernels import contrastive as k
 
 COST_RECORDS = Path(__file__).parents[1] / "benchmarks" / "results" / "kernel-cost.json"
-KERNELS = {"forward": k.GPU_FORWARD_CONFIGS, "backward_anchor": k.GPU_BACKWARD_CONFIGS,
-           "backward_candidate": k.GPU_BACKWARD_CONFIGS}
+KERNELS = {"forward": k.GPU_FORWARD_CONFIGS, "score_grad": k.GPU_SCORE_GRAD_CONFIGS}
 
 
 def gpu_tuned(name):
     """The kernel with the GPU's configs (the interpreter's launcher has one config, never pruned)."""
-    fn = {"forward": k.forward_kernel, "backward_anchor": k.backward_anchor_kernel,
-          "backward_candidate": k.backward_candidate_kernel}[name].fn
+    fn = {"forward": k.forward_kernel, "score_grad": k.score_grad_kernel}[name].fn
     return k.TunedKernel(name, fn, KERNELS[name], KERNELS[name])
 
 
@@ -59,3 +57,14 @@ def test_large_launches_take_the_prechosen_config_untimed(name, dtype, dim):
 def test_tune_all_times_every_config(monkeypatch):
     monkeypatch.setenv("DEEPCUT_TUNE_ALL", "1")
     assert pruned(gpu_tuned("forward").tuner(1 << 20), torch.bfloat16, 128, True, True) == k.GPU_FORWARD_CONFIGS
+
+
+def test_the_product_is_timed_at_every_size_and_restores_its_output():
+    """The backward's GEMM accumulates into its output: timing runs must start from the same
+    values, and a launch at 1M rows is short, so it is never pruned to an untimed choice."""
+    product = k.TunedKernel("product", k.product_kernel.fn, k.GPU_PRODUCT_CONFIGS, k.GPU_PRODUCT_CONFIGS,
+                            key=k.product_kernel.key, prechosen=False, restore=k.product_kernel.restore)
+    tuner = product.tuner(1 << 20)
+    assert tuner.restore_value == ["OUT"] and tuner.keys == ["N", "TRANS_A", "PRECISION"]
+    tuner.nargs = dict(N=512)
+    assert tuner.prune_configs(dict(TRANS_A=True, UPCAST=False, PRECISION="ieee")) == k.GPU_PRODUCT_CONFIGS

@@ -37,7 +37,8 @@ def compiled():
 def test_every_variant_was_compiled(compiled):
     assert {r["arch"] for r in compiled} == set(ARCHS)
     assert {r["dtype"] for r in compiled} == {"fp32", "fp16", "bf16"}
-    assert {r["kernel"] for r in compiled} == {"forward", "backward_anchor", "backward_candidate"}
+    assert {r["kernel"] for r in compiled} == {"forward", "score_grad", "product"}
+    assert {r["transpose_a"] for r in compiled if r["kernel"] == "product"} == {False, True}
 
 
 def test_shared_memory_fits(compiled):

@@ -54,8 +54,8 @@ def stubbed(monkeypatch):
 
     monkeypatch.setattr(ops, "NORMALIZE_CHUNK_BYTES", CHUNK_ROWS * DIM * 4)
     monkeypatch.setattr(contrastive, "forward_kernel", ZeroingKernel([8, 9, 10, 11]))
-    monkeypatch.setattr(contrastive, "backward_anchor_kernel", ZeroingKernel([12]))
-    monkeypatch.setattr(contrastive, "backward_candidate_kernel", ZeroingKernel([12]))
+    monkeypatch.setattr(contrastive, "score_grad_kernel", ZeroingKernel([12]))
+    monkeypatch.setattr(contrastive, "product_kernel", ZeroingKernel([2]))
     return contrastive
 
 
@@ -82,7 +82,7 @@ def test_the_op_allocates_exactly_its_memory_plan(stubbed, dtype):
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float32])
 def test_the_backward_launcher_keeps_one_fp32_gradient_buffer(stubbed, dtype):
     """Inside the op: du in fp32, into which the self case's candidate term is added in place
-    (no second [rows, D] buffer, no sum of two)."""
+    (no second [rows, D] buffer, no sum of two), and one block of dL/ds columns."""
     u = torch.randn(ROWS, DIM).to(dtype)
     labels, forget, ids = torch.zeros(ROWS, dtype=torch.long), torch.zeros(ROWS, dtype=torch.bool), torch.arange(ROWS)
     stats = (torch.zeros(ROWS), torch.zeros(ROWS), torch.zeros(ROWS, dtype=torch.int32))
@@ -90,12 +90,31 @@ def test_the_backward_launcher_keeps_one_fp32_gradient_buffer(stubbed, dtype):
     with Allocations() as recorded:
         du, dc = stubbed.backward(grad, u, labels, forget, ids, None, None, *stats, 0.5, True, -100, True, True, False)
     assert dc is None and du.dtype == torch.float32
-    assert sizes(recorded.log, CHUNK_ROWS * DIM * 4, 1 << 40) == [((ROWS, DIM), "torch.float32")]
-    assert ops.memory_plan(ROWS, DIM, dtype)["du_fp32"] == du.untyped_storage().nbytes()
+    columns = stubbed.MIN_SCRATCH_COLUMNS  # ROWS rows fit in one block of the smallest width
+    assert sizes(recorded.log, CHUNK_ROWS * DIM * 4, 1 << 40) == sorted(
+        [((ROWS, DIM), "torch.float32"), ((ROWS, columns), str(dtype))])
+    plan = ops.memory_plan(ROWS, DIM, dtype)
+    assert plan["du_fp32"] == du.untyped_storage().nbytes()
+    assert plan["ds_scratch"] == ROWS * columns * u.element_size()
+
+
+def test_the_scratch_stays_within_its_budget_and_covers_the_columns():
+    from deepcut_fast.kernels.contrastive import DS_SCRATCH_BYTES, MIN_SCRATCH_COLUMNS, scratch_columns
+
+    assert scratch_columns(32 * 1024, 32 * 1024, 2) == 2048  # 128 MiB of bf16 at 32k anchors
+    assert scratch_columns(32 * 1024, 32 * 1024, 4) == 1024
+    assert scratch_columns(4096, 1000, 2) == 1024  # a whole small N in one block
+    assert scratch_columns(1 << 20, 1 << 20, 2) == MIN_SCRATCH_COLUMNS  # the floor, above the budget
+    for rows, cols, size in ((100, 5000, 2), (12345, 70000, 4), (1 << 17, 1 << 17, 2)):
+        columns = scratch_columns(rows, cols, size)
+        assert columns >= MIN_SCRATCH_COLUMNS and columns & (columns - 1) == 0
+        assert rows * columns * size <= max(DS_SCRATCH_BYTES, rows * MIN_SCRATCH_COLUMNS * size)
 
 
 def test_one_million_rows_of_512_in_bf16_peak_under_8_gb():
     plan = ops.memory_plan(1 << 20, 512, torch.bfloat16)
     assert plan["peak"] < 8e9
-    # z, the unit rows, du in fp32 and its cast (1 + 1 + 2 + 1 GiB), 128 MiB of per-row vectors
+    # z, the unit rows, du in fp32 and its cast (1 + 1 + 2 + 1 GiB), 128 MiB of per-row vectors;
+    # the 512 MiB dL/ds scratch is freed before the cast
+    assert plan["ds_scratch"] == 2 ** 29
     assert plan["peak"] == 5 * 2 ** 30 + (1 << 20) * 128
