@@ -68,13 +68,18 @@ PRODUCT_LAYOUTS = ("dS", "dS^T")  # du += dS @ c, dc += dS^T @ u (TRANS_A)
 
 
 def kernels():
-    """name -> (the jitted kernel behind the autotuned launcher, its configs)."""
+    """name -> the jitted kernel behind the autotuned launcher (its configs: ``configs``)."""
     assert os.environ.get("TRITON_INTERPRET", "0") != "1", "unset TRITON_INTERPRET to compile for a GPU"
     from deepcut_fast.kernels import contrastive as k
 
-    return {"forward": (k.forward_kernel.fn, k.GPU_FORWARD_CONFIGS),
-            "score_grad": (k.score_grad_kernel.fn, k.GPU_SCORE_GRAD_CONFIGS),
-            "product": (k.product_kernel.fn, k.GPU_PRODUCT_CONFIGS)}
+    return {"forward": k.forward_kernel.fn, "score_grad": k.score_grad_kernel.fn, "product": k.product_kernel.fn}
+
+
+def configs(kernel, arch, dtype):
+    """The tile configs ``kernel`` may launch with on sm_<arch> in ``dtype`` ("bf16", ...)."""
+    from deepcut_fast.kernels.contrastive import gpu_configs
+
+    return gpu_configs(kernel, arch, dtype)
 
 
 def compile_variant(fn, config, dtype, arch, self_case, pull_lse, precision, fixed_shift=True, transpose_a=False):
@@ -160,9 +165,9 @@ def variants(archs, dtypes):
 
     torch_dtypes = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}
     for arch in archs:
-        for kernel, (fn, configs) in kernels().items():
+        for kernel, fn in kernels().items():
             for dtype in dtypes:
-                for index, config in enumerate(configs):
+                for index, config in enumerate(configs(kernel, arch, dtype)):
                     if kernel == "product":
                         branches = [(layout, None, None) for layout in PRODUCT_LAYOUTS]
                     else:
@@ -207,8 +212,8 @@ def measure(record, fn, config):
 
 def _measure_variant(record):
     """``measure`` in a worker process, which finds the kernel and config by name and index."""
-    fn, configs = kernels()[record["kernel"]]
-    return measure(record, fn, configs[record["config"]])
+    fn = kernels()[record["kernel"]]
+    return measure(record, fn, configs(record["kernel"], record["arch"], record["dtype"])[record["config"]])
 
 
 def gemm_equivalents(kernel):

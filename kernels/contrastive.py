@@ -22,6 +22,7 @@ by percents.
 
 The masks are computed on the fly from labels, forget flags, instance ids and row indices.
 """
+import functools
 import json
 import os
 from pathlib import Path
@@ -48,20 +49,52 @@ DS_SCALE = 2.0 ** 14
 LOG2E = tl.constexpr(1.4426950408889634)
 LN2 = tl.constexpr(0.6931471805599453)
 
-# Tile configs a GPU may pick (autotuned: TUNE_KEY below). The ahead-of-time compile test
-# builds every one of them for sm_80 and sm_90.
-GPU_FORWARD_CONFIGS = [
-    triton.Config({"BLOCK_M": 128, "BLOCK_N": 64, "BLOCK_K": 64}, num_warps=8, num_stages=3),
-    triton.Config({"BLOCK_M": 64, "BLOCK_N": 64, "BLOCK_K": 64}, num_warps=4, num_stages=3),
-    triton.Config({"BLOCK_M": 128, "BLOCK_N": 128, "BLOCK_K": 32}, num_warps=8, num_stages=3),
-]
-# dL/ds tiles: the forward's tiles (the same dot in the same order, see score_grad)
-GPU_SCORE_GRAD_CONFIGS = GPU_FORWARD_CONFIGS
-GPU_PRODUCT_CONFIGS = [
-    triton.Config({"BLOCK_M": 128, "BLOCK_N": 128, "BLOCK_K": 64}, num_warps=8, num_stages=3),
-    triton.Config({"BLOCK_M": 128, "BLOCK_N": 64, "BLOCK_K": 64}, num_warps=4, num_stages=4),
-    triton.Config({"BLOCK_M": 64, "BLOCK_N": 128, "BLOCK_K": 64}, num_warps=4, num_stages=4),
-]
+def _config(block_m, block_n, block_k, warps, stages):
+    return triton.Config({"BLOCK_M": block_m, "BLOCK_N": block_n, "BLOCK_K": block_k}, num_warps=warps,
+                         num_stages=stages)
+
+
+# Tile configs a GPU may pick (autotuned: TUNE_KEY below), per kernel, architecture family (90:
+# sm_90 and newer, wgmma; 80: sm_80/86/89, mma.sync, whose operand fragments take registers) and
+# dtype group. Each compiles without register spills in every variant (benchmarks.kernel_cost;
+# the ahead-of-time compile test builds them all). fp32 dots without TF32 run on the FMA pipes
+# with both operands in registers, so fp32 takes small tiles. score_grad has tiles of its own: its
+# dots match the forward's whatever the tile (the accumulation over D runs in the same order).
+GPU_CONFIGS = {
+    "forward": {
+        (90, "half"): [_config(128, 64, 64, 8, 3), _config(64, 64, 64, 4, 3)],
+        (80, "half"): [_config(64, 64, 64, 8, 3), _config(64, 64, 32, 8, 2), _config(32, 64, 64, 4, 3)],
+        (90, "fp32"): [_config(32, 64, 16, 4, 2)],
+        (80, "fp32"): [_config(32, 64, 16, 4, 2)],
+    },
+    "score_grad": {
+        (90, "half"): [_config(128, 64, 64, 8, 3), _config(64, 64, 64, 4, 3), _config(128, 128, 32, 8, 3)],
+        (80, "half"): [_config(128, 64, 64, 8, 3), _config(64, 64, 64, 4, 3), _config(64, 64, 32, 4, 3)],
+        (90, "fp32"): [_config(32, 64, 16, 4, 2)],
+        (80, "fp32"): [_config(32, 64, 16, 4, 2)],
+    },
+    "product": {
+        (90, "half"): [_config(128, 128, 64, 8, 3), _config(128, 64, 64, 4, 4), _config(64, 128, 64, 4, 4)],
+        (80, "half"): [_config(128, 128, 64, 8, 3), _config(128, 64, 64, 4, 4), _config(64, 128, 64, 4, 4)],
+        (90, "fp32"): [_config(64, 64, 32, 8, 2), _config(64, 64, 16, 4, 2), _config(32, 64, 16, 4, 2)],
+        (80, "fp32"): [_config(64, 64, 32, 8, 2), _config(64, 64, 16, 4, 2), _config(32, 64, 16, 4, 2)],
+    },
+}
+
+
+def gpu_configs(kernel, arch, dtype):
+    """The configs ``kernel`` may take on sm_<arch> (e.g. 90) for inputs of ``dtype`` (a torch
+    dtype or "fp32"/"fp16"/"bf16")."""
+    group = "fp32" if dtype in (torch.float32, "fp32") else "half"
+    return GPU_CONFIGS[kernel][90 if arch >= 90 else 80, group]
+
+
+@functools.lru_cache(maxsize=None)
+def device_arch(device_index):
+    major, minor = torch.cuda.get_device_capability(device_index)
+    return 10 * major + minor
+
+
 # The interpreter runs one config only (autotune over several fails there); small GPU-legal
 # tiles keep it quick and still exercise ragged edges at test sizes.
 INTERPRET_FORWARD_CONFIGS = [triton.Config({"BLOCK_M": 32, "BLOCK_N": 32, "BLOCK_K": 64})]
@@ -318,7 +351,7 @@ TUNE_KEY = ["D", "SELF", "PULL_LSE", "PRECISION", "FIXED_SHIFT"]
 # Above this many rows one launch takes long enough that timing every config costs minutes: the
 # config the static cost model rates fastest for the kernel, case, pull, dtype and width runs
 # untimed (``prechosen.json``, written by ``python -m benchmarks.kernel_cost --prechosen``;
-# modelled on sm_90, not measured). DEEPCUT_TUNE_ALL=1 times every config at every size.
+# modelled on sm_90, not measured; older GPUs time them). DEEPCUT_TUNE_ALL=1 times every config at every size.
 TIMED_TUNING_MAX_ROWS = 1 << 16
 PRECHOSEN_FILE = Path(__file__).with_name("prechosen.json")
 WIDE_D = 256  # D above this takes the choice modelled at D = 768, at or below it the one at D = 128
@@ -332,35 +365,43 @@ def prechosen_key(kernel, self_case, pull_lse, fixed_shift, dtype, dim):
                      "fixed" if fixed_shift else "running", DTYPE_NAMES[dtype], "wide" if dim > WIDE_D else "narrow"])
 
 
-def _prechosen_pruner(kernel, table):
-    def prune(configs, named_args, **flags):
-        index = table.get(prechosen_key(kernel, flags["SELF"], flags["PULL_LSE"], flags["FIXED_SHIFT"],
-                                        named_args["U"].dtype, named_args["D"]))
-        if index is None or os.environ.get("DEEPCUT_TUNE_ALL") == "1":
-            return configs
-        return [configs[index]]
-
-    return prune
-
-
 class TunedKernel:
     """``kernel[grid, rows](*args, **flags)`` launches the jitted kernel ``fn`` through the
-    autotuner of the bucket of ``rows`` (``key``; interpreter: its one config). With ``prechosen``,
-    buckets above TIMED_TUNING_MAX_ROWS prune the configs to the prechosen one. ``restore``: the
-    arguments that a launch updates in place, restored between timing runs."""
+    autotuner of the bucket of ``rows`` (``key``; interpreter: its one config). On a GPU the
+    configs are those of the device's architecture and the dtype of ``dtype_arg``
+    (``gpu_configs``); with ``prechosen``, buckets above TIMED_TUNING_MAX_ROWS on sm_90 take the
+    prechosen one. ``restore``: the arguments that a launch updates in place, restored between
+    timing runs. ``arch`` fixes the architecture (the device's by default) and ``gpu`` whether the
+    GPU's configs and pruning apply (by default: unless in the interpreter)."""
 
-    def __init__(self, name, fn, gpu_configs, interpret_configs, key=TUNE_KEY, prechosen=True, restore=None):
+    def __init__(self, name, fn, interpret_configs, key=TUNE_KEY, prechosen=True, restore=None, dtype_arg="U",
+                 arch=None, gpu=not INTERPRET):
         self.name, self.fn, self.key, self.prechosen, self.restore = name, fn, key, prechosen, restore
-        self.configs = interpret_configs if INTERPRET else gpu_configs
+        self.dtype_arg, self.arch, self.gpu = dtype_arg, arch, gpu
+        every = [c for configs in GPU_CONFIGS[name].values() for c in configs]
+        self.configs = list({id(c): c for c in every}.values()) if gpu else interpret_configs
         self.tuners = {}
+
+    def _pruner(self, table):
+        def prune(configs, named_args, **flags):
+            tensor = named_args[self.dtype_arg]
+            arch = self.arch or device_arch(tensor.device.index)
+            allowed = gpu_configs(self.name, arch, tensor.dtype)
+            if table is None or arch < 90 or os.environ.get("DEEPCUT_TUNE_ALL") == "1":
+                return allowed
+            index = table.get(prechosen_key(self.name, flags["SELF"], flags["PULL_LSE"], flags["FIXED_SHIFT"],
+                                            tensor.dtype, named_args["D"]))
+            return allowed if index is None else [allowed[index]]
+
+        return prune
 
     def tuner(self, rows):
         bucket = max(1, int(rows) - 1).bit_length()  # rows <= 2 ** bucket
         if bucket not in self.tuners:
             prune = None
-            if self.prechosen and 1 << bucket > TIMED_TUNING_MAX_ROWS and PRECHOSEN_FILE.exists():
-                table = json.loads(PRECHOSEN_FILE.read_text())
-                prune = dict(early_config_prune=_prechosen_pruner(self.name, table))
+            if self.gpu:
+                large = self.prechosen and 1 << bucket > TIMED_TUNING_MAX_ROWS and PRECHOSEN_FILE.exists()
+                prune = dict(early_config_prune=self._pruner(json.loads(PRECHOSEN_FILE.read_text()) if large else None))
             self.tuners[bucket] = triton.autotune(configs=self.configs, key=self.key, prune_configs_by=prune,
                                                   restore_value=self.restore)(self.fn)
         return self.tuners[bucket]
@@ -370,13 +411,12 @@ class TunedKernel:
         return self.tuner(rows)[grid]
 
 
-forward_kernel = TunedKernel("forward", _forward_kernel, GPU_FORWARD_CONFIGS, INTERPRET_FORWARD_CONFIGS)
-score_grad_kernel = TunedKernel("score_grad", _score_grad_kernel, GPU_SCORE_GRAD_CONFIGS,
-                                INTERPRET_SCORE_GRAD_CONFIGS)
+forward_kernel = TunedKernel("forward", _forward_kernel, INTERPRET_FORWARD_CONFIGS)
+score_grad_kernel = TunedKernel("score_grad", _score_grad_kernel, INTERPRET_SCORE_GRAD_CONFIGS)
 # a GEMM: its best tile depends on the output width (N here, the loss's D), the operand layout and
 # precision; one launch is short even at 1M rows, so every bucket is timed
-product_kernel = TunedKernel("product", _product_kernel, GPU_PRODUCT_CONFIGS, INTERPRET_PRODUCT_CONFIGS,
-                             key=["N", "TRANS_A", "PRECISION"], prechosen=False, restore=["OUT"])
+product_kernel = TunedKernel("product", _product_kernel, INTERPRET_PRODUCT_CONFIGS,
+                             key=["N", "TRANS_A", "PRECISION"], prechosen=False, restore=["OUT"], dtype_arg="A")
 
 
 def dot_precision(dtype):

@@ -11,18 +11,18 @@ import sys
 
 import torch
 
-from benchmarks.kernel_cost import compile_variant, kernels, mma_instructions
+from benchmarks.kernel_cost import compile_variant, configs, kernels, mma_instructions
 from deepcut_fast.kernels.contrastive import dot_precision
 
 DTYPES = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}
 
 
-def variants(found):
-    """Every (kernel, dtype, config) the autotuner may pick, plus the other constexpr branches (the
-    bank case, TF32, the product's transposed operand)."""
-    for kernel, (_, configs) in found.items():
+def variants(arch):
+    """Every (kernel, dtype, config) the autotuner may pick on sm_<arch>, plus the other constexpr
+    branches (the bank case, TF32, the product's transposed operand)."""
+    for kernel in kernels():
         for dtype_name, dtype in DTYPES.items():
-            for index in range(len(configs)):
+            for index in range(len(configs(kernel, arch, dtype_name))):
                 yield dict(kernel=kernel, dtype=dtype_name, config=index, self_case=True, pull_lse=True,
                            precision=dot_precision(dtype), transpose_a=False)
         yield dict(kernel=kernel, dtype="bf16", config=0, self_case=False, pull_lse=False, precision="ieee",
@@ -33,9 +33,9 @@ def variants(found):
 
 def main(arch):
     results, found = [], kernels()
-    for v in variants(found):
-        fn, configs = found[v["kernel"]]
-        compiled = compile_variant(fn, configs[v["config"]], v["dtype"], arch, v["self_case"], v["pull_lse"],
+    for v in variants(arch):
+        config = configs(v["kernel"], arch, v["dtype"])[v["config"]]
+        compiled = compile_variant(found[v["kernel"]], config, v["dtype"], arch, v["self_case"], v["pull_lse"],
                                    v["precision"], transpose_a=v["transpose_a"])
         results.append(dict(v, arch=arch, shared=compiled.metadata.shared, mma=mma_instructions(compiled)))
     json.dump(results, sys.stdout)
