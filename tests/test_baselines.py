@@ -83,3 +83,14 @@ def test_salun_moves_only_the_salient_weights(setup):
         # outside the mask only AdamW's weight decay acts: |w| * lr * 0.01 per step
         assert (moved[~mask] <= 5 * 1e-3 * 0.01 * before[name].abs()[~mask] + 1e-6).all(), name  # + rounding
     assert any((after[n].detach() - before[n])[m].abs().max() > 1e-4 for n, m in masks.items() if m.any())
+
+
+def test_gradient_ascent_stops_when_there_is_no_forget_sample(setup):
+    """Gradient ascent trains on forget samples alone: it has nothing to do when none is left (as when
+    the calibrated focus keeps none): it takes no step and says so, instead of failing on an
+    empty batch."""
+    tok, data, model, _, retain = setup
+    result = baselines.gradient_ascent(copy.deepcopy(model), tok, data.subset([]), retain,
+                                       UnlearnConfig(calibrate=False, steps=4, learning_rate=1e-3), progress=False)
+    assert result.history == [] and not result.model.training
+    assert torch.equal(next(result.model.parameters()), next(model.parameters()))

@@ -430,7 +430,9 @@ def train_steps(model, tokenizer, forget: TextDataset, retain: TextDataset, conf
             stop_reason = "target met before the first step"
     if calibrator is not None:
         forget = calibrator.training_forget(forget)
-    elif config.stop_forget_accuracy is not None and config.stop_retain_drop is not None:
+    if len(forget) == 0 and retain_batch_size == 0:  # e.g. a calibrated focus that keeps no forget sample
+        stop_reason, steps = stop_reason or "nothing to train on", first - 1
+    elif calibrator is None and config.stop_forget_accuracy is not None and config.stop_retain_drop is not None:
         result.retain_accuracy_before = accuracy(model, tokenizer, retain_check, config.max_length)
     model.train()
     trained = model
