@@ -55,7 +55,7 @@ SHIFTS = ("fixed", "running")
 ARG_TYPES = {  # U, C, DS, A and B take the input dtype; every other argument is a constexpr
     "A_LABEL": "*i32", "A_INST": "*i32", "C_LABEL": "*i32", "C_INST": "*i32",
     "A_FORGET": "*i8", "C_FORGET": "*i8", "COUNT": "*i32",
-    "LOSS": "*fp32", "LSE_A": "*fp32", "LSE_P": "*fp32", "GRAD": "*fp32", "OUT": "*fp32",
+    "LOSS": "*fp32", "PULL_MEAN": "*fp32", "LSE_A": "*fp32", "LSE_P": "*fp32", "GRAD": "*fp32", "OUT": "*fp32",
     "M": "i32", "N": "i32", "D": "i32", "K": "i32", "stride_u": "i32", "stride_c": "i32", "stride_ds": "i32",
     "stride_a": "i32", "stride_b": "i32", "stride_out": "i32", "col_start": "i32", "col_end": "i32",
     "span": "i32", "ignore_index": "i32", "qk_scale": "fp32", "scale": "fp32",

@@ -1,9 +1,11 @@
 """Fused Triton kernels of the DeepCUT contrastive loss (docs/spec.md, section 2).
 
 Forward: one program per block of anchors streams over candidate tiles and keeps, per anchor,
-an online log-sum-exp over the contrast set A(i), another over the positives P(i) (for the
-"logsumexp" forget pull), and the sum and count of positive similarities. Only these O(M)
-statistics are written; the M x N similarity matrix never exists.
+an online log-sum-exp over the contrast set A(i) and another over the positives P(i) (for the
+"logsumexp" forget pull). The mean similarity over P(i) and |P(i)| need no pairwise pass: they
+come from per-class sums of the rows positives are drawn from (``positive_statistics``), which
+halves the forward's per-pair instructions. Only O(M) statistics are written; the M x N
+similarity matrix never exists.
 
 Backward: dL/ds is computed once per pair, from similarities recomputed tile by tile with the
 saved log-sum-exps, and written for one block of candidate columns at a time into a bounded
@@ -63,7 +65,7 @@ def _config(block_m, block_n, block_k, warps, stages):
 GPU_CONFIGS = {
     "forward": {
         (90, "half"): [_config(128, 64, 64, 8, 3), _config(64, 64, 64, 4, 3)],
-        (80, "half"): [_config(64, 64, 64, 8, 3), _config(64, 64, 32, 8, 2), _config(32, 64, 64, 4, 3)],
+        (80, "half"): [_config(64, 64, 32, 8, 2), _config(32, 64, 64, 4, 3)],
         (90, "fp32"): [_config(32, 64, 16, 4, 2)],
         (80, "fp32"): [_config(32, 64, 16, 4, 2)],
     },
@@ -109,6 +111,8 @@ DS_SCRATCH_BYTES = 128 << 20
 MIN_SCRATCH_COLUMNS = 256
 # Columns of one block that one score_grad program walks (the grid's second axis splits the rest)
 SCORE_GRAD_SPAN = 1024
+# float64 scratch of the per-class positive sums, per chunk of rows
+POSITIVE_CHUNK_BYTES = 64 << 20
 
 
 @triton.jit
@@ -231,8 +235,8 @@ def _candidate_tile(U, C, C_LABEL, C_FORGET, C_INST, rows, row_ok, a_label, a_fo
 
 
 @triton.jit
-def _forward_kernel(U, C, A_LABEL, A_FORGET, A_INST, C_LABEL, C_FORGET, C_INST,
-                    LOSS, LSE_A, LSE_P, COUNT,
+def _forward_kernel(U, C, A_LABEL, A_FORGET, A_INST, C_LABEL, C_FORGET, C_INST, PULL_MEAN, COUNT,
+                    LOSS, LSE_A, LSE_P,
                     M, N, D, stride_u, stride_c, qk_scale, ignore_index,
                     SELF: tl.constexpr, PULL_LSE: tl.constexpr, UPCAST: tl.constexpr,
                     PRECISION: tl.constexpr, FIXED_SHIFT: tl.constexpr, BLOCK_M: tl.constexpr,
@@ -247,8 +251,6 @@ def _forward_kernel(U, C, A_LABEL, A_FORGET, A_INST, C_LABEL, C_FORGET, C_INST,
     l_a = tl.zeros([BLOCK_M], tl.float32)
     m_p = tl.full([BLOCK_M], float("-inf"), tl.float32)
     l_p = tl.zeros([BLOCK_M], tl.float32)
-    pos_sum = tl.zeros([BLOCK_M], tl.float32)
-    pos_count = tl.zeros([BLOCK_M], tl.int32)
     for n0 in range(0, N, BLOCK_N):
         cols, col_ok, s2, in_a, in_p = _candidate_tile(
             U, C, C_LABEL, C_FORGET, C_INST, rows, row_ok, a_label, a_forget, a_inst, n0, N, D,
@@ -262,15 +264,13 @@ def _forward_kernel(U, C, A_LABEL, A_FORGET, A_INST, C_LABEL, C_FORGET, C_INST,
             m_a, l_a = _online_lse(m_a, l_a, s2, in_a)
             if PULL_LSE:
                 m_p, l_p = _online_lse(m_p, l_p, s2, in_p & a_forget[:, None])
-        pos_sum += tl.sum(tl.where(in_p, s2, 0.0), 1)
-        pos_count += tl.sum(in_p.to(tl.int32), 1)
 
-    counted = pos_count > 0
+    counted = tl.load(COUNT + rows, mask=row_ok, other=0) > 0
     if FIXED_SHIFT:
         m_a = tl.full([BLOCK_M], 0.0, tl.float32) + qk_scale
         m_p = m_a
     lse_a = _finish_lse2(m_a, l_a)
-    pull = pos_sum / tl.maximum(pos_count, 1).to(tl.float32)
+    pull = tl.load(PULL_MEAN + rows, mask=row_ok, other=0.0)
     lse_p = tl.zeros([BLOCK_M], tl.float32)
     if PULL_LSE:
         lse_p = tl.where(a_forget & counted, _finish_lse2(m_p, l_p), 0.0)
@@ -278,7 +278,6 @@ def _forward_kernel(U, C, A_LABEL, A_FORGET, A_INST, C_LABEL, C_FORGET, C_INST,
     tl.store(LOSS + rows, tl.where(counted, (lse_a - pull) * LN2, 0.0), mask=row_ok)
     tl.store(LSE_A + rows, lse_a, mask=row_ok)
     tl.store(LSE_P + rows, lse_p, mask=row_ok)
-    tl.store(COUNT + rows, pos_count, mask=row_ok)
 
 
 @triton.jit
@@ -442,6 +441,66 @@ def _launch_args(u, labels, forget, instance_ids, candidates, candidate_labels, 
     return tensors, scalars, flags, LOG2E.value / temperature, ignore_index
 
 
+def _row_chunks(rows, dim):
+    step = max(1, POSITIVE_CHUNK_BYTES // (8 * max(1, dim)))
+    return [slice(i, min(i + step, rows)) for i in range(0, rows, step)]
+
+
+def positive_statistics(u, labels, forget, instance_ids, candidates, candidate_labels, ignore_index):
+    """(mean of u_i . c_j over the positives P(i), |P(i)|) per anchor: float64 and int32, mean 0
+    where P(i) is empty. Per-class sums of the rows that positives are drawn from replace the
+    pairwise pass (docs/spec.md, section 2): a retain anchor's positives are the usable retain
+    rows of its class but itself; a forget anchor's those of the other classes, but rows of its
+    own instance (self case); in the candidate-bank case every usable candidate, of the anchor's
+    class (retain) or of the others (forget). Sums are float64, in chunks of rows."""
+    self_case = candidates is None
+    c = u if self_case else candidates
+    c_labels = labels if self_case else candidate_labels
+    wide, dim = torch.float64, u.shape[1]
+    both = labels if self_case else torch.cat([labels, c_labels])
+    classes, codes = torch.unique(both, return_inverse=True)
+    a_codes, c_codes = codes[:labels.shape[0]], codes[labels.shape[0]:] if not self_case else codes
+    drawn = (c_labels != ignore_index) & (~forget if self_case else True)  # rows any P(i) draws from
+    class_sum = torch.zeros(classes.numel(), dim, device=u.device, dtype=wide)
+    for rows in _row_chunks(c.shape[0], dim):
+        keep = drawn[rows]
+        class_sum.index_add_(0, c_codes[rows][keep], c[rows][keep].to(wide))
+    class_count = torch.bincount(c_codes[drawn], minlength=classes.numel())
+    total, total_count = class_sum.sum(0), class_count.sum()
+
+    # rows a forget anchor excludes as its own instance: drawn rows sharing an id with one
+    own = drawn & torch.isin(instance_ids, instance_ids[forget]) if self_case else drawn[:0]
+    if own.any():  # not with the default ids (one per sample, all its views forgotten together)
+        ids, id_codes = torch.unique(instance_ids[own], return_inverse=True)
+        pair_keys, pair_codes = torch.unique(id_codes * classes.numel() + c_codes[own], return_inverse=True)
+        id_sum = torch.zeros(ids.numel(), dim, device=u.device, dtype=wide).index_add_(0, id_codes, u[own].to(wide))
+        pair_sum = torch.zeros(pair_keys.numel(), dim, device=u.device, dtype=wide).index_add_(
+            0, pair_codes, u[own].to(wide))
+        id_count, pair_count = torch.bincount(id_codes, minlength=ids.numel()), torch.bincount(pair_codes)
+
+    mean = torch.zeros(labels.shape[0], device=u.device, dtype=wide)
+    count = torch.zeros(labels.shape[0], device=u.device, dtype=torch.int64)
+    for rows in _row_chunks(labels.shape[0], dim):
+        k, is_forget, x = a_codes[rows], forget[rows], u[rows].to(wide)
+        vector = torch.where(is_forget[:, None], total - class_sum[k], class_sum[k])
+        size = torch.where(is_forget, total_count - class_count[k], class_count[k])
+        if self_case:  # a usable retain anchor is one of its class's rows: not its own positive
+            itself = drawn[rows] & ~is_forget
+            vector = vector - x * itself[:, None]
+            size = size - itself.long()
+            if own.any():
+                slot = torch.searchsorted(ids, instance_ids[rows]).clamp(max=ids.numel() - 1)
+                mine = is_forget & (ids[slot] == instance_ids[rows])
+                pair = torch.searchsorted(pair_keys, slot * classes.numel() + k).clamp(max=pair_keys.numel() - 1)
+                same = mine & (pair_keys[pair] == slot * classes.numel() + k)
+                vector = vector - mine[:, None] * (id_sum[slot] - same[:, None] * pair_sum[pair])
+                size = size - mine.long() * (id_count[slot] - same.long() * pair_count[pair])
+        size = torch.where(labels[rows] != ignore_index, size, 0)
+        mean[rows] = torch.where(size > 0, (x * vector).sum(1) / size.clamp(min=1), 0.0)
+        count[rows] = size
+    return mean, count.to(torch.int32)
+
+
 def forward(u, labels, forget, instance_ids, candidates, candidate_labels, temperature,
             pull_lse, ignore_index, unit_rows=False):
     """Per-anchor loss, log-sum-exp over A, log-sum-exp over P (forget pull; both in base 2,
@@ -449,17 +508,20 @@ def forward(u, labels, forget, instance_ids, candidates, candidate_labels, tempe
 
     u [M, D] and candidates [N, D] (or None for the self case) are contiguous rows in one
     of fp32/fp16/bf16; labels/ids are integer vectors, forget a bool vector. ``unit_rows``: the
-    rows are unit vectors (FIXED_SHIFT_MIN_TEMPERATURE).
+    rows are unit vectors (FIXED_SHIFT_MIN_TEMPERATURE). The mean-positive term comes from
+    ``positive_statistics``; the kernel streams the log-sum-exps.
     """
     u = u.contiguous()
     tensors, scalars, flags, qk_scale, ignore = _launch_args(
         u, labels, forget, instance_ids, candidates, candidate_labels, temperature, pull_lse,
         ignore_index, unit_rows)
     M, N = scalars[0], scalars[1]
+    mean, count = positive_statistics(u, labels, forget, instance_ids, candidates, candidate_labels, ignore_index)
+    pull_mean = (mean * qk_scale).to(torch.float32)  # in the kernel's base-2 units
     loss, lse_a, lse_p = (torch.empty(M, device=u.device, dtype=torch.float32) for _ in range(3))
-    count = torch.empty(M, device=u.device, dtype=torch.int32)
     grid = lambda meta: (triton.cdiv(M, meta["BLOCK_M"]),)  # noqa: E731
-    forward_kernel[grid, max(M, N)](*tensors, loss, lse_a, lse_p, count, *scalars, qk_scale, ignore, **flags)
+    forward_kernel[grid, max(M, N)](*tensors, pull_mean, count, loss, lse_a, lse_p, *scalars, qk_scale, ignore,
+                                    **flags)
     return loss, lse_a, lse_p, count
 
 

@@ -165,3 +165,19 @@ def test_keys_beyond_int32(backend, candidates):
     got = loss_and_grads(contrastive_unlearn_loss, batch, backend=backend, **options)
     want = reference_float64(batch, **options)
     assert_matches(got, want, torch.float32, 0.3, f"{backend} with wide keys")
+
+
+@pytest.mark.parametrize("pull", ["logsumexp", "mean"])
+def test_instance_ids_shared_by_forget_and_retain_rows(backend, pull):
+    """A forget anchor excludes every row of its own instance, retain rows included: ids that
+    mix forget and retain rows (not what the trainer makes, but what a caller may pass) must give
+    the same positives as the pairwise definition, for the anchors' own class and the others."""
+    batch = make_batch(36, 24, views=2, classes=3, forget_frac=0.4, ignore_frac=0.1, seed=11,
+                       device=backend_device(backend))
+    rows = batch["labels"].shape[0]
+    batch["instance_ids"] = torch.arange(rows, device=batch["labels"].device) % 7  # ids across forget/retain
+    assert (batch["forget_mask"] & torch.isin(batch["instance_ids"], batch["instance_ids"][~batch["forget_mask"]])).any()
+    options = dict(temperature=0.2, forget_pull=pull)
+    got = loss_and_grads(contrastive_unlearn_loss, batch, backend=backend, **options)
+    want = reference_float64(batch, **options)
+    assert_matches(got, want, torch.float32, 0.2, f"{backend} with shared instance ids")
