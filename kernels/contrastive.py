@@ -470,7 +470,8 @@ def positive_statistics(u, labels, forget, instance_ids, candidates, candidate_l
 
     # rows a forget anchor excludes as its own instance: drawn rows sharing an id with one
     own = drawn & torch.isin(instance_ids, instance_ids[forget]) if self_case else drawn[:0]
-    if own.any():  # not with the default ids (one per sample, all its views forgotten together)
+    has_own = bool(own.any())  # one device sync, not one per chunk
+    if has_own:  # not with the default ids (one per sample, all its views forgotten together)
         ids, id_codes = torch.unique(instance_ids[own], return_inverse=True)
         pair_keys, pair_codes = torch.unique(id_codes * classes.numel() + c_codes[own], return_inverse=True)
         id_sum = torch.zeros(ids.numel(), dim, device=u.device, dtype=wide).index_add_(0, id_codes, u[own].to(wide))
@@ -488,11 +489,12 @@ def positive_statistics(u, labels, forget, instance_ids, candidates, candidate_l
             itself = drawn[rows] & ~is_forget
             vector = vector - x * itself[:, None]
             size = size - itself.long()
-            if own.any():
+            if has_own:
                 slot = torch.searchsorted(ids, instance_ids[rows]).clamp(max=ids.numel() - 1)
                 mine = is_forget & (ids[slot] == instance_ids[rows])
-                pair = torch.searchsorted(pair_keys, slot * classes.numel() + k).clamp(max=pair_keys.numel() - 1)
-                same = mine & (pair_keys[pair] == slot * classes.numel() + k)
+                key = slot * classes.numel() + k
+                pair = torch.searchsorted(pair_keys, key).clamp(max=pair_keys.numel() - 1)
+                same = mine & (pair_keys[pair] == key)
                 vector = vector - mine[:, None] * (id_sum[slot] - same[:, None] * pair_sum[pair])
                 size = size - mine.long() * (id_count[slot] - same.long() * pair_count[pair])
         size = torch.where(labels[rows] != ignore_index, size, 0)
