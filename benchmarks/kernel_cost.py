@@ -46,6 +46,7 @@ TENSOR_FLOPS = 989.4e12
 ISSUE_PER_CLOCK_PER_SM = 128
 MUFU_PER_CLOCK_PER_SM = 16
 HBM_BYTES_PER_S = 3.35e12
+FORGET_FRACTION = 0.1  # forget anchors in the modelled call (see tile_shares)
 ELEMENT_BYTES = {"fp32": 4, "fp16": 2, "bf16": 2}
 SHAPES = [(32 * 1024, 128), (32 * 1024, 768)]  # (M = N, D)
 DTYPES = ("fp32", "fp16", "bf16")
@@ -54,15 +55,15 @@ DTYPES = ("fp32", "fp16", "bf16")
 SHIFTS = ("fixed", "running")
 ARG_TYPES = {  # U, C, DS, A and B take the input dtype; every other argument is a constexpr
     "A_LABEL": "*i32", "A_INST": "*i32", "C_LABEL": "*i32", "C_INST": "*i32",
-    "A_FORGET": "*i8", "C_FORGET": "*i8", "COUNT": "*i32",
+    "A_ORDER": "*i32", "C_ORDER": "*i32", "OUT_ROWS": "*i32", "B_ROWS": "*i32", "A_FORGET": "*i8", "C_FORGET": "*i8", "COUNT": "*i32",
     "LOSS": "*fp32", "PULL_MEAN": "*fp32", "LSE_A": "*fp32", "LSE_P": "*fp32", "GRAD": "*fp32", "OUT": "*fp32",
-    "M": "i32", "N": "i32", "D": "i32", "K": "i32", "stride_u": "i32", "stride_c": "i32", "stride_ds": "i32",
+    "M": "i32", "N": "i32", "R": "i32", "D": "i32", "K": "i32", "stride_u": "i32", "stride_c": "i32", "stride_ds": "i32",
     "stride_a": "i32", "stride_b": "i32", "stride_out": "i32", "col_start": "i32", "col_end": "i32",
     "span": "i32", "ignore_index": "i32", "qk_scale": "fp32", "scale": "fp32",
 }
 INPUT_DTYPE_ARGS = {"U", "C", "DS", "A", "B"}
 # at the shapes above
-DIVISIBLE_INTS = {"M", "N", "D", "K", "stride_u", "stride_c", "stride_ds", "stride_a", "stride_b", "stride_out",
+DIVISIBLE_INTS = {"M", "N", "R", "D", "K", "stride_u", "stride_c", "stride_ds", "stride_a", "stride_b", "stride_out",
                   "col_start", "col_end", "span"}
 PRODUCT_LAYOUTS = ("dS", "dS^T")  # du += dS @ c, dc += dS^T @ u (TRANS_A)
 
@@ -136,27 +137,44 @@ def sass_lines(compiled):
     return [(int(address, 16), text.strip()) for address, text in found]
 
 
-def loop_profile(lines, d_chunks):
-    """Instructions, MUFU and tensor-core instructions of one iteration of the outermost loop,
-    inner loops counted ``d_chunks`` times (they walk D in chunks)."""
+def loop_profiles(lines, d_chunks):
+    """{"full": ..., "masked": ...}: (instructions, MUFU, tensor-core instructions) of one
+    iteration of the kernel's cheapest and its dearest candidate loop (outermost loops with
+    tensor-core work; the loss kernels walk full tiles in one and masked tiles in another, the
+    product has one), inner loops counted ``d_chunks`` times (they walk D in chunks)."""
     loops = []
     for address, text in lines:
         target = re.search(r"\bBRA\s+(0x[0-9a-f]+)", text)
         if target and int(target.group(1), 16) < address:
             loops.append((int(target.group(1), 16), address))
-    if not loops:
-        return None
-    start, end = max(loops, key=lambda loop: loop[1] - loop[0])
-    inner = [(a, b) for a, b in loops if start < a and b < end]
+    outer = [(a, b) for a, b in loops if not any(c < a and b < d for c, d in loops)]
 
-    def weight(address):  # how often an instruction runs per outer iteration
-        return d_chunks if any(a <= address <= b for a, b in inner) else 1
+    def profile(start, end):
+        inner = [(a, b) for a, b in loops if start < a and b < end]
 
-    body = [(address, text) for address, text in lines if start <= address <= end]
-    count = sum(weight(a) for a, _ in body)
-    mufu = sum(weight(a) for a, t in body if re.search(r"\bMUFU\.", t))
-    tensor = sum(weight(a) for a, t in body if re.search(r"\b(HGMMA|HMMA|WGMMA)\b", t))
-    return count, mufu, tensor
+        def weight(address):  # how often an instruction runs per outer iteration
+            return d_chunks if any(a <= address <= b for a, b in inner) else 1
+
+        body = [(address, text) for address, text in lines if start <= address <= end]
+        count = sum(weight(a) for a, _ in body)
+        mufu = sum(weight(a) for a, t in body if re.search(r"\bMUFU\.", t))
+        tensor = sum(weight(a) for a, t in body if re.search(r"\b(HGMMA|HMMA|WGMMA)\b", t))
+        return count, mufu, tensor
+
+    found = sorted(profile(a, b) for a, b in outer)
+    found = [p for p in found if p[2]]
+    return dict(full=found[0], masked=found[-1]) if found else None
+
+
+def tile_shares(kernel, case):
+    """(full, masked) shares of the M x N pairs in a call with FORGET_FRACTION forget anchors:
+    retain anchors against retain candidates are full tiles, forget anchors' tiles are masked,
+    and in the self case retain anchors skip forget candidates (the diagonal and the last partial
+    tile are left out: a vanishing share at N = 32k)."""
+    if kernel == "product":
+        return 1.0, 0.0
+    f = FORGET_FRACTION
+    return ((1 - f) ** 2, f) if case == "self" else (1 - f, f)
 
 
 def variants(archs, dtypes):
@@ -199,14 +217,15 @@ def measure(record, fn, config):
     for _, dim in SHAPES:
         pairs = pairs_per_iteration(record["kernel"], kw, 32 * config.num_warps, dim)
         d_chunks = 1 if record["kernel"] == "product" else math.ceil(dim / kw["BLOCK_K"])
-        profile = loop_profile(lines, d_chunks)
-        if profile is not None:
-            count, mufu, tensor = profile
-            record.setdefault("per_pair", {})[f"D{dim}"] = dict(sass=count / pairs, mufu=mufu / pairs,
-                                                                tensor=tensor / pairs)
+        profiles = loop_profiles(lines, d_chunks)
+        if profiles is not None:
+            (count, mufu, tensor), (masked, masked_mufu, _) = profiles["full"], profiles["masked"]
+            record.setdefault("per_pair", {})[f"D{dim}"] = dict(
+                sass=count / pairs, mufu=mufu / pairs, tensor=tensor / pairs, masked_sass=masked / pairs,
+                masked_mufu=masked_mufu / pairs)
     first = record.get("per_pair", {}).get(f"D{SHAPES[0][1]}", {})
     record.update(sass_per_pair=first.get("sass"), mufu_per_pair=first.get("mufu"),
-                  tensor_per_pair=first.get("tensor"))
+                  tensor_per_pair=first.get("tensor"), masked_sass_per_pair=first.get("masked_sass"))
     return record
 
 
@@ -216,10 +235,11 @@ def _measure_variant(record):
     return measure(record, fn, configs(record["kernel"], record["arch"], record["dtype"])[record["config"]])
 
 
-def gemm_equivalents(kernel):
+def gemm_equivalents(kernel, case):
     """Tensor-core work of one kernel over the whole call, in units of 2MND: the forward and
-    score_grad each compute S once, each product is one GEMM of that size."""
-    return 1.0
+    score_grad each compute S once for the pairs they do not skip, each product is one GEMM of
+    that size."""
+    return sum(tile_shares(kernel, case))
 
 
 def hbm_bytes(record, rows, dim):
@@ -239,11 +259,12 @@ def hbm_bytes(record, rows, dim):
 
 
 def kernel_time(record, rows, dim):
+    full, masked = tile_shares(record["kernel"], record["case"])
     pairs = rows * rows
     per_pair = record["per_pair"][f"D{dim}"]
-    tensor = gemm_equivalents(record["kernel"]) * 2 * rows * rows * dim / TENSOR_FLOPS
-    issue = pairs * per_pair["sass"] / (ISSUE_PER_CLOCK_PER_SM * SMS * CLOCK_HZ)
-    mufu = pairs * per_pair["mufu"] / (MUFU_PER_CLOCK_PER_SM * SMS * CLOCK_HZ)
+    tensor = gemm_equivalents(record["kernel"], record["case"]) * 2 * rows * rows * dim / TENSOR_FLOPS
+    issue = pairs * (full * per_pair["sass"] + masked * per_pair["masked_sass"]) / (ISSUE_PER_CLOCK_PER_SM * SMS * CLOCK_HZ)
+    mufu = pairs * (full * per_pair["mufu"] + masked * per_pair["masked_mufu"]) / (MUFU_PER_CLOCK_PER_SM * SMS * CLOCK_HZ)
     memory = hbm_bytes(record, rows, dim) / HBM_BYTES_PER_S
     return max(tensor, issue, mufu, memory)
 
@@ -277,8 +298,8 @@ def calls(records):
             bwd_t = sum(best[name][0] for name in backward)
             half = dtype != "fp32"
             out.append(dict(arch=arch, dtype=dtype, case=case, pull=pull, shift=shift, n=rows, dim=dim,
-                            gemm_equivalents_fwd=gemm_equivalents("forward"),
-                            gemm_equivalents_bwd=sum(gemm_equivalents(best[name][1]["kernel"]) for name in backward),
+                            gemm_equivalents_fwd=gemm_equivalents("forward", case),
+                            gemm_equivalents_bwd=sum(gemm_equivalents(best[name][1]["kernel"], case) for name in backward),
                             modelled_seconds_fwd=fwd_t, modelled_seconds_bwd=bwd_t,
                             modelled_seconds={name: t for name, (t, _) in best.items()},
                             modelled_fraction_fwd=(2 * rows * rows * dim / TENSOR_FLOPS) / fwd_t if half else None,
@@ -304,7 +325,7 @@ def prechosen_table(call_rows):
 
 def markdown(records, call_rows):
     lines = ["| kernel | config | arch | dtype | case | pull | shift | regs | spill B | shared KB | mma | SASS/pair | "
-             "MUFU/pair |", "|---" * 13 + "|"]
+             "MUFU/pair | SASS/pair, masked tiles |", "|---" * 14 + "|"]
     for r in records:
         if r["dtype"] != "bf16" or r["arch"] != 90:
             continue
@@ -312,14 +333,15 @@ def markdown(records, call_rows):
         pull, shift = ("—", "—") if r["kernel"] == "product" else (r["pull"], r["shift"])
         lines.append(f"| {r['kernel']} | {r['config']} | sm_{r['arch']} | {r['dtype']} | {r['case']} | {pull} | "
                      f"{shift} | {r['regs']} | {r['spill_bytes']} | {r['shared_bytes'] / 1024:.1f} | {mma} | "
-                     f"{r['sass_per_pair'] or 0:.1f} | {r['mufu_per_pair'] or 0:.2f} |")
+                     f"{r['sass_per_pair'] or 0:.1f} | {r['mufu_per_pair'] or 0:.2f} | "
+                     f"{r['masked_sass_per_pair'] or 0:.1f} |")
     lines += ["", "| arch | dtype | case | pull | shift | N = M | D | GEMM-eq fwd | GEMM-eq bwd | modelled fwd / matmul "
               "| modelled bwd / matmul |", "|---" * 11 + "|"]
     for c in call_rows:
         if c["dtype"] == "fp32":
             continue
         lines.append(f"| sm_{c['arch']} | {c['dtype']} | {c['case']} | {c['pull']} | {c['shift']} | {c['n']} | {c['dim']} | "
-                     f"{c['gemm_equivalents_fwd']:.0f} | {c['gemm_equivalents_bwd']:.0f} | "
+                     f"{c['gemm_equivalents_fwd']:.2f} | {c['gemm_equivalents_bwd']:.2f} | "
                      f"{c['modelled_fraction_fwd']:.1%} | {c['modelled_fraction_bwd']:.1%} |")
     return "\n".join(lines) + "\n"
 

@@ -155,9 +155,8 @@ def _pair_masks(a_label, a_forget, a_inst, a_idx, c_label, c_forget, c_inst, c_i
 
 
 @triton.jit
-def _online_lse(m, l, s2, keep):
-    """One step of a streaming base-2 log-sum-exp over the kept entries of each row."""
-    s2 = tl.where(keep, s2, float("-inf"))
+def _online_lse(m, l, s2):
+    """One step of a streaming base-2 log-sum-exp over each row of s2 (-inf: an entry left out)."""
     m_new = tl.maximum(m, tl.max(s2, 1))
     # rows that have kept nothing yet stay at -inf; shift them by 0 to avoid (-inf) - (-inf)
     shift = tl.where(m_new == float("-inf"), 0.0, m_new)
@@ -218,16 +217,27 @@ def _load_anchor_stats(A_LABEL, A_FORGET, GRAD, LSE_A, LSE_P, COUNT, rows, ok, i
 
 
 @triton.jit
-def _candidate_tile(U, C, C_LABEL, C_FORGET, C_INST, rows, row_ok, a_label, a_forget, a_inst, n0, N, D,
-                    stride_u, stride_c, qk_scale, ignore_index, SELF: tl.constexpr,
+def _tile_logits(U, C, a_rows, row_ok, C_ORDER, n0, N, D, stride_u, stride_c, qk_scale, UPCAST: tl.constexpr,
+                 PRECISION: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr):
+    """(candidate positions, in range, base-2 logits) of a block of anchors (rows ``a_rows`` of U)
+    against the candidate tile at position n0 (rows C_ORDER[n0:n0 + BLOCK_N] of C)."""
+    cols = n0 + tl.arange(0, BLOCK_N)
+    col_ok = cols < N
+    c_rows = tl.load(C_ORDER + cols, mask=col_ok, other=0)
+    s2 = _similarity(U, a_rows, row_ok, stride_u, C, c_rows, col_ok, stride_c, D,
+                     BLOCK_M, BLOCK_N, BLOCK_K, UPCAST, PRECISION) * qk_scale
+    return cols, col_ok, s2
+
+
+@triton.jit
+def _candidate_tile(U, C, C_ORDER, C_LABEL, C_FORGET, C_INST, a_rows, rows, row_ok, a_label, a_forget, a_inst, n0,
+                    N, D, stride_u, stride_c, qk_scale, ignore_index, SELF: tl.constexpr,
                     UPCAST: tl.constexpr, PRECISION: tl.constexpr, BLOCK_M: tl.constexpr,
                     BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr):
     """Base-2 logits and masks of a block of anchors against the candidate tile at n0."""
-    cols = n0 + tl.arange(0, BLOCK_N)
-    col_ok = cols < N
+    cols, col_ok, s2 = _tile_logits(U, C, a_rows, row_ok, C_ORDER, n0, N, D, stride_u, stride_c, qk_scale, UPCAST,
+                                    PRECISION, BLOCK_M, BLOCK_N, BLOCK_K)
     c_label, c_forget, c_inst = _load_rows(C_LABEL, C_FORGET, C_INST, cols, col_ok, ignore_index, SELF)
-    s2 = _similarity(U, rows, row_ok, stride_u, C, cols, col_ok, stride_c, D,
-                     BLOCK_M, BLOCK_N, BLOCK_K, UPCAST, PRECISION) * qk_scale
     in_a, in_p = _pair_masks(a_label[:, None], a_forget[:, None], a_inst[:, None], rows[:, None],
                              c_label[None, :], c_forget[None, :], c_inst[None, :], cols[None, :],
                              ignore_index, SELF)
@@ -235,14 +245,68 @@ def _candidate_tile(U, C, C_LABEL, C_FORGET, C_INST, rows, row_ok, a_label, a_fo
 
 
 @triton.jit
-def _forward_kernel(U, C, A_LABEL, A_FORGET, A_INST, C_LABEL, C_FORGET, C_INST, PULL_MEAN, COUNT,
+def _tile_plan(m0, lo, hi, M, N, R, SELF: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr):
+    """How the anchor block at position m0 walks the candidate tiles that start in [lo, hi)
+    (lo a multiple of BLOCK_N). Rows are ordered (``row_order``): retain anchors at positions
+    [0, R), then forget anchors; in the self case the candidates are the same positions, and a
+    retain anchor's contrast set is exactly the other retain rows; in the candidate-bank case
+    every candidate is in it. So for a block of retain anchors every full tile of retain
+    candidates off the diagonal (which holds the self pairs) needs no mask at all ("full" tiles),
+    the diagonal and the last partial tile are masked, and forget candidates are skipped (their dL/ds
+    is 0). Any other block masks every tile. Full tiles are [lo, f1) and [f2, f_end); masked ones
+    [lo_m, m1) and [m2, m_end); tiles from z_lo on lie past the retain candidates."""
+    if SELF:
+        retain_end = R
+    else:
+        retain_end = N
+    if m0 + BLOCK_M <= R:
+        full_end = tl.minimum(hi, retain_end // BLOCK_N * BLOCK_N)
+        tiles_end = tl.cdiv(tl.minimum(hi, retain_end), BLOCK_N) * BLOCK_N
+        if SELF:
+            diag_lo = m0 // BLOCK_N * BLOCK_N
+            diag_hi = tl.cdiv(m0 + BLOCK_M, BLOCK_N) * BLOCK_N
+        else:  # no self pairs: an empty diagonal at the end of the full tiles
+            diag_lo = full_end
+            diag_hi = full_end
+        f1 = tl.maximum(lo, tl.minimum(diag_lo, full_end))
+        f2 = tl.maximum(lo, diag_hi)
+        f_end = tl.maximum(f2, full_end)
+        lo_m = tl.maximum(lo, diag_lo)
+        m1 = tl.maximum(lo_m, tl.minimum(diag_hi, tiles_end))
+        m2 = tl.maximum(lo, tl.maximum(full_end, diag_hi))
+        m_end = tl.maximum(m2, tiles_end)
+        z_lo = tl.maximum(lo, tiles_end)
+    else:
+        f1 = lo
+        f2 = lo
+        f_end = lo
+        lo_m = lo
+        m1 = hi
+        m2 = hi
+        m_end = hi
+        z_lo = hi
+    return f1, f2, f_end, lo_m, m1, m2, m_end, z_lo
+
+
+@triton.jit
+def _tile_start(t, lo, first_end, second_start, BLOCK_N: tl.constexpr):
+    """Start of the t-th tile of the ranges [lo, first_end) and [second_start, ...)."""
+    n0 = lo + t * BLOCK_N
+    return tl.where(n0 < first_end, n0, n0 - first_end + second_start)
+
+
+@triton.jit
+def _forward_kernel(U, C, A_ORDER, C_ORDER, A_LABEL, A_FORGET, A_INST, C_LABEL, C_FORGET, C_INST, PULL_MEAN, COUNT,
                     LOSS, LSE_A, LSE_P,
-                    M, N, D, stride_u, stride_c, qk_scale, ignore_index,
+                    M, N, R, D, stride_u, stride_c, qk_scale, ignore_index,
                     SELF: tl.constexpr, PULL_LSE: tl.constexpr, UPCAST: tl.constexpr,
                     PRECISION: tl.constexpr, FIXED_SHIFT: tl.constexpr, BLOCK_M: tl.constexpr,
                     BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr):
-    rows = tl.program_id(0) * BLOCK_M + tl.arange(0, BLOCK_M)
+    """Per anchor position: loss, base-2 log-sum-exps over A and P (rows in ``row_order``)."""
+    m0 = tl.program_id(0) * BLOCK_M
+    rows = m0 + tl.arange(0, BLOCK_M)
     row_ok = rows < M
+    a_rows = tl.load(A_ORDER + rows, mask=row_ok, other=0)
     a_label = tl.load(A_LABEL + rows, mask=row_ok, other=ignore_index)
     a_forget = tl.load(A_FORGET + rows, mask=row_ok, other=0) != 0
     a_inst = tl.load(A_INST + rows, mask=row_ok, other=-1)
@@ -251,9 +315,20 @@ def _forward_kernel(U, C, A_LABEL, A_FORGET, A_INST, C_LABEL, C_FORGET, C_INST, 
     l_a = tl.zeros([BLOCK_M], tl.float32)
     m_p = tl.full([BLOCK_M], float("-inf"), tl.float32)
     l_p = tl.zeros([BLOCK_M], tl.float32)
-    for n0 in range(0, N, BLOCK_N):
+    f1, f2, f_end, lo_m, m1, m2, m_end, _skipped = _tile_plan(m0, 0, N, M, N, R, SELF, BLOCK_M, BLOCK_N)
+    # the steady state: full tiles, every pair in A(i), none needs a mask
+    for t in tl.range(0, tl.cdiv(f1 + f_end - f2, BLOCK_N)):
+        n0 = _tile_start(t, 0, f1, f2, BLOCK_N)
+        _, _, s2 = _tile_logits(U, C, a_rows, row_ok, C_ORDER, n0, N, D, stride_u, stride_c, qk_scale, UPCAST,
+                                PRECISION, BLOCK_M, BLOCK_N, BLOCK_K)
+        if FIXED_SHIFT:
+            l_a += tl.sum(tl.exp2(s2 - qk_scale), 1)
+        else:
+            m_a, l_a = _online_lse(m_a, l_a, s2)
+    for t in tl.range(0, tl.cdiv(m1 - lo_m + m_end - m2, BLOCK_N)):
+        n0 = _tile_start(t, lo_m, m1, m2, BLOCK_N)
         cols, col_ok, s2, in_a, in_p = _candidate_tile(
-            U, C, C_LABEL, C_FORGET, C_INST, rows, row_ok, a_label, a_forget, a_inst, n0, N, D,
+            U, C, C_ORDER, C_LABEL, C_FORGET, C_INST, a_rows, rows, row_ok, a_label, a_forget, a_inst, n0, N, D,
             stride_u, stride_c, qk_scale, ignore_index, SELF, UPCAST, PRECISION, BLOCK_M, BLOCK_N, BLOCK_K)
         if FIXED_SHIFT:
             e = tl.exp2(s2 - qk_scale)
@@ -261,9 +336,9 @@ def _forward_kernel(U, C, A_LABEL, A_FORGET, A_INST, C_LABEL, C_FORGET, C_INST, 
             if PULL_LSE:
                 l_p += tl.sum(tl.where(in_p & a_forget[:, None], e, 0.0), 1)
         else:
-            m_a, l_a = _online_lse(m_a, l_a, s2, in_a)
+            m_a, l_a = _online_lse(m_a, l_a, tl.where(in_a, s2, float("-inf")))
             if PULL_LSE:
-                m_p, l_p = _online_lse(m_p, l_p, s2, in_p & a_forget[:, None])
+                m_p, l_p = _online_lse(m_p, l_p, tl.where(in_p & a_forget[:, None], s2, float("-inf")))
 
     counted = tl.load(COUNT + rows, mask=row_ok, other=0) > 0
     if FIXED_SHIFT:
@@ -281,42 +356,69 @@ def _forward_kernel(U, C, A_LABEL, A_FORGET, A_INST, C_LABEL, C_FORGET, C_INST, 
 
 
 @triton.jit
-def _score_grad_kernel(U, C, A_LABEL, A_FORGET, A_INST, C_LABEL, C_FORGET, C_INST,
+def _score_grad_kernel(U, C, A_ORDER, C_ORDER, A_LABEL, A_FORGET, A_INST, C_LABEL, C_FORGET, C_INST,
                        GRAD, LSE_A, LSE_P, COUNT, DS,
-                       M, D, stride_u, stride_c, stride_ds, col_start, col_end, span, qk_scale, ignore_index,
+                       M, N, R, D, stride_u, stride_c, stride_ds, col_start, col_end, span, qk_scale, ignore_index,
                        SELF: tl.constexpr, PULL_LSE: tl.constexpr, UPCAST: tl.constexpr,
                        PRECISION: tl.constexpr, FIXED_SHIFT: tl.constexpr, BLOCK_M: tl.constexpr,
                        BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr):
-    """dL/ds (scaled: see backward) of BLOCK_M anchors against candidates [first, first + span)
-    of the block [col_start, col_end), rounded to DS's dtype, into DS[anchor, candidate - col_start].
+    """dL/ds (scaled: see backward) of BLOCK_M anchor positions against candidate positions
+    [first, first + span) of the block [col_start, col_end), rounded to DS's dtype, into
+    DS[anchor, candidate - col_start]; tiles walked as the forward walks them (``_tile_plan``).
 
     Tiles are computed as the forward computes them ([anchors, candidates], the same dot in the
     same order), so that s2 - lse2 is exactly 0 where the forward found the maximum: with large
     unnormalised logits, one rounding of s2 is a large error in exp2(s2 - lse2).
     """
-    rows = tl.program_id(0) * BLOCK_M + tl.arange(0, BLOCK_M)
+    m0 = tl.program_id(0) * BLOCK_M
+    rows = m0 + tl.arange(0, BLOCK_M)
     row_ok = rows < M
+    a_rows = tl.load(A_ORDER + rows, mask=row_ok, other=0)
     a_label, a_forget, coef, lse_a2, lse_p2, inv_count = _load_anchor_stats(
         A_LABEL, A_FORGET, GRAD, LSE_A, LSE_P, COUNT, rows, row_ok, ignore_index)
     a_inst = tl.load(A_INST + rows, mask=row_ok, other=-1)
     first = col_start + tl.program_id(1) * span
     last = tl.minimum(first + span, col_end)
     out_rows = DS + rows.to(tl.int64)[:, None] * stride_ds - col_start
-    for n0 in range(first, last, BLOCK_N):
+    f1, f2, f_end, lo_m, m1, m2, m_end, z_lo = _tile_plan(m0, first, last, M, N, R, SELF, BLOCK_M, BLOCK_N)
+    # full tiles: a retain anchor's softmax over every pair, less the mean over its class
+    if FIXED_SHIFT:
+        row_scale = coef * tl.exp2(qk_scale - lse_a2)
+    for t in tl.range(0, tl.cdiv(f1 - first + f_end - f2, BLOCK_N)):
+        n0 = _tile_start(t, first, f1, f2, BLOCK_N)
+        cols, _, s2 = _tile_logits(U, C, a_rows, row_ok, C_ORDER, n0, N, D, stride_u, stride_c, qk_scale, UPCAST,
+                                   PRECISION, BLOCK_M, BLOCK_N, BLOCK_K)
+        c_label = tl.load(C_LABEL + cols)
+        positive = tl.where(a_label[:, None] == c_label[None, :], (coef * inv_count)[:, None], 0.0)
+        if FIXED_SHIFT:
+            ds = tl.exp2(s2 - qk_scale) * row_scale[:, None] - positive
+        else:
+            ds = coef[:, None] * tl.exp2(s2 - lse_a2[:, None]) - positive
+        tl.store(out_rows + cols[None, :], ds.to(DS.dtype.element_ty), mask=row_ok[:, None])
+    for t in tl.range(0, tl.cdiv(m1 - lo_m + m_end - m2, BLOCK_N)):
+        n0 = _tile_start(t, lo_m, m1, m2, BLOCK_N)
         cols, col_ok, s2, in_a, in_p = _candidate_tile(
-            U, C, C_LABEL, C_FORGET, C_INST, rows, row_ok, a_label, a_forget, a_inst, n0, last, D,
+            U, C, C_ORDER, C_LABEL, C_FORGET, C_INST, a_rows, rows, row_ok, a_label, a_forget, a_inst, n0, N, D,
             stride_u, stride_c, qk_scale, ignore_index, SELF, UPCAST, PRECISION, BLOCK_M, BLOCK_N, BLOCK_K)
         ds = _logit_grad(s2, in_a, in_p, a_forget[:, None], coef[:, None], lse_a2[:, None],
                          lse_p2[:, None], inv_count[:, None], qk_scale, PULL_LSE, FIXED_SHIFT)
+        col_ok = col_ok & (cols < last)
         tl.store(out_rows + cols[None, :], ds.to(DS.dtype.element_ty), mask=row_ok[:, None] & col_ok[None, :])
+    # past the retain candidates a retain anchor has no pair: dL/ds is 0
+    zero = tl.zeros([BLOCK_M, BLOCK_N], DS.dtype.element_ty)
+    for n0 in tl.range(z_lo, last, BLOCK_N):
+        cols = n0 + tl.arange(0, BLOCK_N)
+        tl.store(out_rows + cols[None, :], zero, mask=row_ok[:, None] & (cols < last)[None, :])
 
 
 @triton.jit
-def _product_kernel(A, B, OUT, M, N, K, stride_a, stride_b, stride_out, scale,
+def _product_kernel(A, B, OUT, OUT_ROWS, B_ROWS, M, N, K, stride_a, stride_b, stride_out, scale,
                     TRANS_A: tl.constexpr, UPCAST: tl.constexpr, PRECISION: tl.constexpr,
                     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr):
-    """OUT[M, N] += scale * op(A) @ B in fp32, B [K, N] in rows of stride_b; op(A) is A [M, K] in
-    rows of stride_a, or with TRANS_A the transpose of A [K, M] (dS^T without a transposed copy)."""
+    """OUT[OUT_ROWS[m]] += scale * (op(A) @ B')[m] in fp32 for m < M, where B' [K, N] has the rows
+    B[B_ROWS[k]] (rows of stride_b); op(A) is A [M, K] in rows of stride_a, or with TRANS_A the
+    transpose of A [K, M] (dS^T without a transposed copy). The row indices map the loss's
+    ordered positions (``row_order``) back to rows; each output row belongs to one program."""
     rows = tl.program_id(0) * BLOCK_M + tl.arange(0, BLOCK_M)
     cols = tl.program_id(1) * BLOCK_N + tl.arange(0, BLOCK_N)
     row_ok, col_ok = rows < M, cols < N
@@ -333,12 +435,14 @@ def _product_kernel(A, B, OUT, M, N, K, stride_a, stride_b, stride_out, scale,
             a = tl.load(a_base + ks.to(tl.int64)[None, :] * stride_a, mask=row_ok[:, None] & k_ok[None, :], other=0.0)
         else:
             a = tl.load(a_base + ks[None, :], mask=row_ok[:, None] & k_ok[None, :], other=0.0)
-        b = tl.load(b_base + ks.to(tl.int64)[:, None] * stride_b, mask=k_ok[:, None] & col_ok[None, :], other=0.0)
+        b_rows = tl.load(B_ROWS + ks, mask=k_ok, other=0)
+        b = tl.load(b_base + b_rows.to(tl.int64)[:, None] * stride_b, mask=k_ok[:, None] & col_ok[None, :], other=0.0)
         if UPCAST:  # the interpreter multiplies bf16 dot operands wrongly
             a = a.to(tl.float32)
             b = b.to(tl.float32)
         acc = tl.dot(a, b, acc, input_precision=PRECISION)
-    out = OUT + rows.to(tl.int64)[:, None] * stride_out + cols[None, :]
+    out_rows = tl.load(OUT_ROWS + rows, mask=row_ok, other=0)
+    out = OUT + out_rows.to(tl.int64)[:, None] * stride_out + cols[None, :]
     out_ok = row_ok[:, None] & col_ok[None, :]
     tl.store(out, tl.load(out, mask=out_ok, other=0.0) + acc * scale, mask=out_ok)
 
@@ -426,18 +530,33 @@ def dot_precision(dtype):
     return "ieee"
 
 
+def row_order(labels, forget, candidate_labels, ignore_index):
+    """(anchor order, candidate order, R): the rows the kernels walk, by position. Anchors: the
+    usable retain rows (positions [0, R)), then the usable forget rows; candidates: the same
+    positions in the self case, else the usable candidates. Rows labelled ignore_index are in
+    no pair and left out. With this order most tiles need no mask (``_tile_plan``)."""
+    usable = labels != ignore_index
+    retain = torch.nonzero(usable & ~forget).flatten()
+    a_order = torch.cat([retain, torch.nonzero(usable & forget).flatten()]).to(torch.int32)
+    if candidate_labels is None:
+        return a_order, a_order, retain.numel()
+    return a_order, torch.nonzero(candidate_labels != ignore_index).flatten().to(torch.int32), retain.numel()
+
+
 def _launch_args(u, labels, forget, instance_ids, candidates, candidate_labels, temperature,
                  pull_lse, ignore_index, unit_rows):
-    """Shared tensors and flags of the forward and score_grad kernels (self case: candidates are u's rows)."""
+    """Shared tensors and flags of the forward and score_grad kernels (self case: candidates are
+    u's rows), their per-row keys gathered into ``row_order``, and the anchor order."""
     self_case = candidates is None
-    forget = forget.to(torch.int8)
+    a_order, c_order, retain = row_order(labels, forget, candidate_labels, ignore_index)
+    keys = (labels[a_order], forget[a_order].to(torch.int8), instance_ids[a_order])
     c = u if self_case else candidates.contiguous()
-    c_labels = labels if self_case else candidate_labels
-    tensors = (u, c, labels, forget, instance_ids, c_labels, forget, instance_ids)
+    c_keys = keys if self_case else (candidate_labels[c_order],) + keys[1:]
+    tensors = (u, c, a_order, c_order) + keys + c_keys
     flags = dict(SELF=self_case, PULL_LSE=pull_lse, UPCAST=INTERPRET,
                  PRECISION="ieee" if INTERPRET else dot_precision(u.dtype),
                  FIXED_SHIFT=bool(unit_rows) and temperature >= FIXED_SHIFT_MIN_TEMPERATURE)
-    scalars = (u.shape[0], c.shape[0], u.shape[1], u.stride(0), c.stride(0))
+    scalars = (a_order.numel(), c_order.numel(), retain, u.shape[1], u.stride(0), c.stride(0))
     return tensors, scalars, flags, LOG2E.value / temperature, ignore_index
 
 
@@ -517,13 +636,18 @@ def forward(u, labels, forget, instance_ids, candidates, candidate_labels, tempe
     tensors, scalars, flags, qk_scale, ignore = _launch_args(
         u, labels, forget, instance_ids, candidates, candidate_labels, temperature, pull_lse,
         ignore_index, unit_rows)
-    M, N = scalars[0], scalars[1]
+    M, N, order = scalars[0], scalars[1], tensors[2]
     mean, count = positive_statistics(u, labels, forget, instance_ids, candidates, candidate_labels, ignore_index)
-    pull_mean = (mean * qk_scale).to(torch.float32)  # in the kernel's base-2 units
-    loss, lse_a, lse_p = (torch.empty(M, device=u.device, dtype=torch.float32) for _ in range(3))
-    grid = lambda meta: (triton.cdiv(M, meta["BLOCK_M"]),)  # noqa: E731
-    forward_kernel[grid, max(M, N)](*tensors, pull_mean, count, loss, lse_a, lse_p, *scalars, qk_scale, ignore,
-                                    **flags)
+    pull_mean = (mean[order] * qk_scale).to(torch.float32)  # in the kernel's base-2 units
+    stats = [torch.zeros(labels.shape[0], device=u.device, dtype=torch.float32) for _ in range(3)]
+    if M:
+        by_position = [torch.empty(M, device=u.device, dtype=torch.float32) for _ in range(3)]
+        grid = lambda meta: (triton.cdiv(M, meta["BLOCK_M"]),)  # noqa: E731
+        forward_kernel[grid, max(M, N)](*tensors, pull_mean, count[order], *by_position, *scalars, qk_scale, ignore,
+                                        **flags)
+        for full, part in zip(stats, by_position):
+            full[order] = part
+    loss, lse_a, lse_p = stats
     return loss, lse_a, lse_p, count
 
 
@@ -535,14 +659,14 @@ def scratch_columns(rows, cols, element_size):
     return min(columns, max(MIN_SCRATCH_COLUMNS, triton.next_power_of_2(max(1, cols))))
 
 
-def _accumulate_product(out, a, b, scale, transpose_a, precision):
-    """out += scale * op(a) @ b (op: transpose when ``transpose_a``) with the product kernel."""
+def _accumulate_product(out, out_rows, a, b, b_rows, scale, transpose_a, precision):
+    """out[out_rows] += scale * op(a) @ b[b_rows] (op: transpose when ``transpose_a``) with the product kernel."""
     rows, inner = (a.shape[1], a.shape[0]) if transpose_a else a.shape
     if rows == 0 or inner == 0:
         return
     grid = lambda meta: (triton.cdiv(rows, meta["BLOCK_M"]), triton.cdiv(b.shape[1], meta["BLOCK_N"]))  # noqa: E731
-    product_kernel[grid, max(rows, inner)](a, b, out, rows, b.shape[1], inner, a.stride(0), b.stride(0),
-                                           out.stride(0), scale, TRANS_A=transpose_a, UPCAST=INTERPRET,
+    product_kernel[grid, max(rows, inner)](a, b, out, out_rows, b_rows, rows, b.shape[1], inner, a.stride(0),
+                                           b.stride(0), out.stride(0), scale, TRANS_A=transpose_a, UPCAST=INTERPRET,
                                            PRECISION=precision)
 
 
@@ -568,25 +692,25 @@ def backward(grad_loss, u, labels, forget, instance_ids, candidates, candidate_l
     tensors, scalars, flags, qk_scale, ignore = _launch_args(
         u, labels, forget, instance_ids, candidates, candidate_labels, temperature, pull_lse,
         ignore_index, unit_rows)
-    M, N, D = scalars[0], scalars[1], scalars[2]
-    c = tensors[1]
+    M, N, D = scalars[0], scalars[1], scalars[3]
+    c, a_order, c_order = tensors[1:4]
     self_case = candidates is None
-    du = torch.zeros(M, D, device=u.device, dtype=torch.float32) if need_anchor_grad else None
+    du = torch.zeros(u.shape[0], D, device=u.device, dtype=torch.float32) if need_anchor_grad else None
     # the self case adds the candidate term into du in place (its rows are z's rows)
-    dc = du if self_case else (torch.zeros(N, D, device=u.device, dtype=torch.float32) if need_candidate_grad else None)
+    dc = du if self_case else (torch.zeros(c.shape[0], D, device=u.device, dtype=torch.float32) if need_candidate_grad else None)
     columns = scratch_columns(M, N, u.element_size())
     ds = torch.empty(M, columns, device=u.device, dtype=u.dtype) if M and N and (du is not None or dc is not None) else None
     grad_scale = 1.0 / (temperature * scale)
-    stats = (grad_loss, lse_a, lse_p, count)
+    stats = (grad_loss[a_order], lse_a[a_order], lse_p[a_order], count[a_order])
     for start in range(0, N if ds is not None else 0, columns):
         end = min(start + columns, N)
         span = min(SCORE_GRAD_SPAN, end - start)
         grid = lambda meta: (triton.cdiv(M, meta["BLOCK_M"]), triton.cdiv(end - start, span))  # noqa: E731
-        score_grad_kernel[grid, max(M, N)](*tensors, *stats, ds, M, D, u.stride(0), c.stride(0), ds.stride(0),
-                                           start, end, span, qk_scale, ignore, **flags)
-        block = ds[:, :end - start]
+        score_grad_kernel[grid, max(M, N)](*tensors, *stats, ds, *scalars[:4], u.stride(0), c.stride(0),
+                                           ds.stride(0), start, end, span, qk_scale, ignore, **flags)
+        block, columns_rows = ds[:, :end - start], c_order[start:end]
         if du is not None:
-            _accumulate_product(du, block, c[start:end], grad_scale, False, flags["PRECISION"])
+            _accumulate_product(du, a_order, block, c, columns_rows, grad_scale, False, flags["PRECISION"])
         if dc is not None:
-            _accumulate_product(dc[start:end], block, u, grad_scale, True, flags["PRECISION"])
+            _accumulate_product(dc, columns_rows, block, u, a_order, grad_scale, True, flags["PRECISION"])
     return (du, None) if self_case else (du, dc)

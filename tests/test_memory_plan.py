@@ -53,8 +53,8 @@ def stubbed(monkeypatch):
     from deepcut_fast.kernels import contrastive
 
     monkeypatch.setattr(ops, "NORMALIZE_CHUNK_BYTES", CHUNK_ROWS * DIM * 4)
-    monkeypatch.setattr(contrastive, "forward_kernel", ZeroingKernel([10, 11, 12]))
-    monkeypatch.setattr(contrastive, "score_grad_kernel", ZeroingKernel([12]))
+    monkeypatch.setattr(contrastive, "forward_kernel", ZeroingKernel([12, 13, 14]))
+    monkeypatch.setattr(contrastive, "score_grad_kernel", ZeroingKernel([14]))
     monkeypatch.setattr(contrastive, "product_kernel", ZeroingKernel([2]))
     return contrastive
 

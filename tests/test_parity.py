@@ -181,3 +181,27 @@ def test_instance_ids_shared_by_forget_and_retain_rows(backend, pull):
     got = loss_and_grads(contrastive_unlearn_loss, batch, backend=backend, **options)
     want = reference_float64(batch, **options)
     assert_matches(got, want, torch.float32, 0.2, f"{backend} with shared instance ids")
+
+
+@pytest.mark.parametrize("tile", [(32, 32), (64, 32), (16, 32)])
+@pytest.mark.parametrize("candidates", [None, 150])
+@pytest.mark.parametrize("pull", ["logsumexp", "mean"])
+def test_every_kind_of_tile(backend, pull, candidates, tile, monkeypatch):
+    """Enough rows for every kind of tile the Triton kernels walk in ``row_order``: full tiles of
+    retain rows (no masks), the diagonal, the last partial retain tile, forget rows, ignored rows
+    left out; anchor blocks taller, as tall and shorter than candidate tiles; and the backward's
+    dL/ds in several blocks of columns, each split into several windows."""
+    if backend == "triton":
+        from deepcut_fast.kernels import contrastive as k
+
+        block_m, block_n = tile
+        config = [k.triton.Config({"BLOCK_M": block_m, "BLOCK_N": block_n, "BLOCK_K": 32})]
+        monkeypatch.setattr(k, "forward_kernel", k.TunedKernel("forward", k.forward_kernel.fn, config))
+        monkeypatch.setattr(k, "score_grad_kernel", k.TunedKernel("score_grad", k.score_grad_kernel.fn, config))
+        monkeypatch.setattr(k, "DS_SCRATCH_BYTES", 0)
+        monkeypatch.setattr(k, "MIN_SCRATCH_COLUMNS", 4 * block_n)  # blocks of 4 tiles of columns
+        monkeypatch.setattr(k, "SCORE_GRAD_SPAN", 2 * block_n)  # windows of 2 tiles
+    elif tile != (32, 32):
+        pytest.skip("tiles are the Triton kernels'")
+    check(backend, dict(samples=170, dim=40, classes=4, forget_frac=0.15, ignore_frac=0.1, n_candidates=candidates,
+                        seed=3), dict(forget_pull=pull))
