@@ -4,15 +4,18 @@
         [--prechosen kernels/prechosen.json]
 
 Every kernel variant that can launch (each autotune config x fp32/fp16/bf16 x self/bank case x
-forget pull x shift, for sm_90 and sm_80; the backward's product kernel in both operand layouts)
-is compiled ahead of time exactly as the runtime specialises it: pointers 16-byte aligned and the
-integer arguments that are multiples of 16 (M, N, D, the strides and the scratch's column bounds
-at the shapes below) marked divisible by 16. For each: registers, spill bytes and shared memory
-(``ptxas -v`` from the triton wheel), whether the dots use wgmma (sm_90) / mma.sync (sm_80), and
-from the SASS (``cuobjdump -sass``) of the steady-state loop (the outermost loop; inner loops over
-D counted once per chunk of D): instructions, MUFU (exp2/log2) and tensor-core instructions per
-pair, a pair being one (anchor, candidate) entry handled by one thread (for the product kernel:
-one dL/ds entry consumed, per tile of output columns).
+forget pull x shift x the widths it runs at, for sm_90 and sm_80; the backward's product kernel
+in both operand layouts) is compiled ahead of time exactly as the runtime specialises it:
+pointers 16-byte aligned and the integer arguments that are multiples of 16 (M, N, R, D, the
+strides and the scratch's column bounds at the shapes below) marked divisible by 16, and BLOCK_D
+as the launcher sets it (narrow fp16/bf16 rows are resident, others streamed in chunks of D).
+For each: registers, spill bytes and shared memory (``ptxas -v`` from the triton wheel), whether
+the dots use wgmma (sm_90) / mma.sync (sm_80), and from the SASS (``cuobjdump -sass``) of its
+tile loops (inner loops over D counted once per chunk of D): instructions, MUFU (exp2/log2) and
+tensor-core instructions per pair in the full-tile loop (the steady state: ``sass_per_pair``)
+and instructions per pair in the masked-tile loop, a pair being one (anchor, candidate) entry
+handled by one thread (for the product kernel: one dL/ds entry consumed, per tile of output
+columns).
 
 Per loss call it reports GEMM-equivalents (tensor-core work / 2MND) of the forward and backward
 and a roofline estimate for an H100 SXM of their time and of their fraction of a same-shape
@@ -24,7 +27,12 @@ bf16/fp16 matmul (forward: 2MND useful flops, backward: 4MND), at N = M = 32k wi
 - HBM traffic counts the backward's dL/ds scratch (written once, read by both products), the
   products' fp32 read-modify-write of their output once per block of scratch columns and their
   other operand once per block; tiles re-read within a launch are taken as L2 hits (optimistic),
-  and the forward's O((M + N) D) reads as free;
+  and the row reads of the forward and of the narrow backward kernels (O((M + N) D) per block
+  of rows, from L2) as free;
+- a call has 10% forget anchors (FORGET_FRACTION): full tiles take the full-tile loop's cost,
+  masked ones the masked loop's, and pairs a kernel skips (retain anchors against forget
+  candidates in the self case) cost nothing (``tile_shares``); so in the self case the forward
+  does 0.91 of a same-shape matmul's work, and its fraction of that matmul can pass 100%;
 - a kernel takes the longest of its tensor, issue, MUFU and HBM times (perfect overlap:
   optimistic), with the autotuner's best config; fp32 records get no fraction (no bf16
   tensor-core peak).
@@ -56,10 +64,11 @@ SHIFTS = ("fixed", "running")
 ARG_TYPES = {  # U, C, DS, A and B take the input dtype; every other argument is a constexpr
     "A_LABEL": "*i32", "A_INST": "*i32", "C_LABEL": "*i32", "C_INST": "*i32",
     "A_ORDER": "*i32", "C_ORDER": "*i32", "OUT_ROWS": "*i32", "B_ROWS": "*i32", "A_FORGET": "*i8", "C_FORGET": "*i8", "COUNT": "*i32",
-    "LOSS": "*fp32", "PULL_MEAN": "*fp32", "LSE_A": "*fp32", "LSE_P": "*fp32", "GRAD": "*fp32", "OUT": "*fp32",
+    "LOSS": "*fp32", "PULL_MEAN": "*fp32", "LSE_A": "*fp32", "LSE_P": "*fp32", "OUT": "*fp32",
+    "COEF": "*fp32", "POS_W": "*fp32", "A_SCALE": "*fp32", "P_SCALE": "*fp32",
     "M": "i32", "N": "i32", "R": "i32", "D": "i32", "K": "i32", "stride_u": "i32", "stride_c": "i32", "stride_ds": "i32",
     "stride_a": "i32", "stride_b": "i32", "stride_out": "i32", "col_start": "i32", "col_end": "i32",
-    "span": "i32", "ignore_index": "i32", "qk_scale": "fp32", "scale": "fp32",
+    "span": "i32", "ignore_index": "i32", "qk_scale": "fp32", "scale": "fp32", "grad_scale": "fp32",
 }
 INPUT_DTYPE_ARGS = {"U", "C", "DS", "A", "B"}
 # at the shapes above
@@ -73,7 +82,7 @@ def kernels():
     assert os.environ.get("TRITON_INTERPRET", "0") != "1", "unset TRITON_INTERPRET to compile for a GPU"
     from deepcut_fast.kernels import contrastive as k
 
-    return {"forward": k.forward_kernel.fn, "score_grad": k.score_grad_kernel.fn, "product": k.product_kernel.fn}
+    return {name: getattr(k, f"{name}_kernel").fn for name in k.GPU_CONFIGS}
 
 
 def configs(kernel, arch, dtype):
@@ -83,7 +92,8 @@ def configs(kernel, arch, dtype):
     return gpu_configs(kernel, arch, dtype)
 
 
-def compile_variant(fn, config, dtype, arch, self_case, pull_lse, precision, fixed_shift=True, transpose_a=False):
+def compile_variant(fn, config, dtype, arch, self_case, pull_lse, precision, fixed_shift=True, transpose_a=False,
+                    block_d=0):
     """triton.compile of one variant for sm_<arch>, specialised as the runtime would."""
     import triton
     from triton.backends.compiler import GPUTarget
@@ -92,7 +102,7 @@ def compile_variant(fn, config, dtype, arch, self_case, pull_lse, precision, fix
     signature = {name: ARG_TYPES.get(name, f"*{dtype}" if name in INPUT_DTYPE_ARGS else "constexpr")
                  for name in fn.arg_names}
     flags = dict(SELF=self_case, PULL_LSE=pull_lse, UPCAST=False, PRECISION=precision, FIXED_SHIFT=fixed_shift,
-                 TRANS_A=transpose_a)
+                 TRANS_A=transpose_a, BLOCK_D=block_d)
     constexprs = dict(config.kwargs, **{name: value for name, value in flags.items() if name in fn.arg_names})
     attrs = {(i,): [["tt.divisibility", 16]] for i, name in enumerate(fn.arg_names)
              if signature[name].startswith("*") or name in DIVISIBLE_INTS}
@@ -139,9 +149,10 @@ def sass_lines(compiled):
 
 def loop_profiles(lines, d_chunks):
     """{"full": ..., "masked": ...}: (instructions, MUFU, tensor-core instructions) of one
-    iteration of the kernel's cheapest and its dearest candidate loop (outermost loops with
-    tensor-core work; the loss kernels walk full tiles in one and masked tiles in another, the
-    product has one), inner loops counted ``d_chunks`` times (they walk D in chunks)."""
+    iteration of the kernel's cheapest and its dearest tile loop (outermost loops with dot work:
+    tensor-core instructions, or FFMA for fp32 dots; the loss kernels walk full tiles in one and
+    masked tiles in another, the product has one), inner loops counted ``d_chunks`` times (they
+    walk D in chunks)."""
     loops = []
     for address, text in lines:
         target = re.search(r"\bBRA\s+(0x[0-9a-f]+)", text)
@@ -159,10 +170,10 @@ def loop_profiles(lines, d_chunks):
         count = sum(weight(a) for a, _ in body)
         mufu = sum(weight(a) for a, t in body if re.search(r"\bMUFU\.", t))
         tensor = sum(weight(a) for a, t in body if re.search(r"\b(HGMMA|HMMA|WGMMA)\b", t))
-        return count, mufu, tensor
+        fma = any(re.search(r"\bFFMA\b", t) for _, t in body)  # fp32 dots without tensor cores
+        return count, mufu, tensor, fma
 
-    found = sorted(profile(a, b) for a, b in outer)
-    found = [p for p in found if p[2]]
+    found = [p[:3] for p in sorted(profile(a, b) for a, b in outer) if p[2] or p[3]]
     return dict(full=found[0], masked=found[-1]) if found else None
 
 
@@ -174,7 +185,28 @@ def tile_shares(kernel, case):
     if kernel == "product":
         return 1.0, 0.0
     f = FORGET_FRACTION
+    if kernel == "candidate_grad" and case == "self":  # blocks of forget candidates mask every anchor tile
+        return (1 - f) ** 2, 1 - (1 - f) ** 2
     return ((1 - f) ** 2, f) if case == "self" else (1 - f, f)
+
+
+def block_d(dim, dtype):
+    """The kernels' BLOCK_D at width ``dim`` in ``dtype`` ("bf16", ...): 0 where rows are streamed."""
+    import torch
+    from deepcut_fast.kernels.contrastive import resident_width
+
+    return resident_width(dim, getattr(torch, {"fp32": "float32", "fp16": "float16", "bf16": "bfloat16"}[dtype]))
+
+
+def widths(kernel, dtype):
+    """The D of SHAPES at which ``kernel`` runs in ``dtype``: the forward at every D, the
+    resident-row backward kernels on narrow rows, the dL/ds scratch and its products on the others."""
+    dims = [dim for _, dim in SHAPES]
+    if kernel in ("anchor_grad", "candidate_grad"):
+        return [d for d in dims if block_d(d, dtype)]
+    if kernel in ("score_grad", "product"):
+        return [d for d in dims if not block_d(d, dtype)]
+    return dims
 
 
 def variants(archs, dtypes):
@@ -185,14 +217,16 @@ def variants(archs, dtypes):
     for arch in archs:
         for kernel, fn in kernels().items():
             for dtype in dtypes:
+                if not widths(kernel, dtype):
+                    continue
                 for index, config in enumerate(configs(kernel, arch, dtype)):
                     if kernel == "product":
                         branches = [(layout, None, None) for layout in PRODUCT_LAYOUTS]
                     else:
                         branches = itertools.product(("self", "bank"), (True, False), SHIFTS)
-                    for case, pull, shift in branches:
+                    for (case, pull, shift), dim in itertools.product(branches, widths(kernel, dtype)):
                         yield dict(kernel=kernel, config=index, arch=arch, dtype=dtype, case=case, pull=pull,
-                                   shift=shift, precision=dot_precision(torch_dtypes[dtype])), fn, config
+                                   shift=shift, dim=dim, precision=dot_precision(torch_dtypes[dtype])), fn, config
 
 
 def pairs_per_iteration(kernel, block, threads, dim):
@@ -205,27 +239,22 @@ def pairs_per_iteration(kernel, block, threads, dim):
 
 
 def measure(record, fn, config):
+    dim, resident = record["dim"], block_d(record["dim"], record["dtype"])
     compiled = compile_variant(fn, config, record["dtype"], record["arch"], record["case"] == "self",
                                record["pull"], record["precision"], record["shift"] == "fixed",
-                               record["case"] == "dS^T")
+                               record["case"] == "dS^T", resident)
     registers, spills = ptxas_stats(compiled, record["arch"])
     kw = config.kwargs
     record.update(regs=registers, spill_bytes=spills, shared_bytes=compiled.metadata.shared,
                   mma=mma_instructions(compiled), block=dict(kw, num_warps=config.num_warps,
-                                                             num_stages=config.num_stages))
-    lines = sass_lines(compiled)
-    for _, dim in SHAPES:
-        pairs = pairs_per_iteration(record["kernel"], kw, 32 * config.num_warps, dim)
-        d_chunks = 1 if record["kernel"] == "product" else math.ceil(dim / kw["BLOCK_K"])
-        profiles = loop_profiles(lines, d_chunks)
-        if profiles is not None:
-            (count, mufu, tensor), (masked, masked_mufu, _) = profiles["full"], profiles["masked"]
-            record.setdefault("per_pair", {})[f"D{dim}"] = dict(
-                sass=count / pairs, mufu=mufu / pairs, tensor=tensor / pairs, masked_sass=masked / pairs,
-                masked_mufu=masked_mufu / pairs)
-    first = record.get("per_pair", {}).get(f"D{SHAPES[0][1]}", {})
-    record.update(sass_per_pair=first.get("sass"), mufu_per_pair=first.get("mufu"),
-                  tensor_per_pair=first.get("tensor"), masked_sass_per_pair=first.get("masked_sass"))
+                                                             num_stages=config.num_stages, BLOCK_D=resident))
+    pairs = pairs_per_iteration(record["kernel"], kw, 32 * config.num_warps, dim)
+    streamed = "BLOCK_K" in kw and record["kernel"] != "product" and not resident
+    profiles = loop_profiles(sass_lines(compiled), math.ceil(dim / kw["BLOCK_K"]) if streamed else 1)
+    if profiles is not None:
+        (count, mufu, tensor), (masked, masked_mufu, _) = profiles["full"], profiles["masked"]
+        record.update(sass_per_pair=count / pairs, mufu_per_pair=mufu / pairs, tensor_per_pair=tensor / pairs,
+                      masked_sass_per_pair=masked / pairs, masked_mufu_per_pair=masked_mufu / pairs)
     return record
 
 
@@ -237,9 +266,10 @@ def _measure_variant(record):
 
 def gemm_equivalents(kernel, case):
     """Tensor-core work of one kernel over the whole call, in units of 2MND: the forward and
-    score_grad each compute S once for the pairs they do not skip, each product is one GEMM of
-    that size."""
-    return sum(tile_shares(kernel, case))
+    score_grad each compute S once for the pairs they do not skip, anchor_grad and candidate_grad
+    S and one product each, and each product is one GEMM of that size."""
+    products = 2 if kernel in ("anchor_grad", "candidate_grad") else 1
+    return products * sum(tile_shares(kernel, case))
 
 
 def hbm_bytes(record, rows, dim):
@@ -258,46 +288,59 @@ def hbm_bytes(record, rows, dim):
     return 0
 
 
-def kernel_time(record, rows, dim):
+def kernel_time(record, rows):
+    """Modelled seconds of one kernel over a call at M = N = rows and the record's D."""
     full, masked = tile_shares(record["kernel"], record["case"])
-    pairs = rows * rows
-    per_pair = record["per_pair"][f"D{dim}"]
+    pairs, dim = rows * rows, record["dim"]
     tensor = gemm_equivalents(record["kernel"], record["case"]) * 2 * rows * rows * dim / TENSOR_FLOPS
-    issue = pairs * (full * per_pair["sass"] + masked * per_pair["masked_sass"]) / (ISSUE_PER_CLOCK_PER_SM * SMS * CLOCK_HZ)
-    mufu = pairs * (full * per_pair["mufu"] + masked * per_pair["masked_mufu"]) / (MUFU_PER_CLOCK_PER_SM * SMS * CLOCK_HZ)
+    issue = pairs * (full * record["sass_per_pair"] + masked * record["masked_sass_per_pair"]) / (
+        ISSUE_PER_CLOCK_PER_SM * SMS * CLOCK_HZ)
+    mufu = pairs * (full * record["mufu_per_pair"] + masked * record["masked_mufu_per_pair"]) / (
+        MUFU_PER_CLOCK_PER_SM * SMS * CLOCK_HZ)
     memory = hbm_bytes(record, rows, dim) / HBM_BYTES_PER_S
     return max(tensor, issue, mufu, memory)
 
 
-def _fastest(records, rows, dim):
+def _fastest(records, rows):
     """(modelled seconds, record) of the fastest config among ``records``."""
-    return min(((kernel_time(r, rows, dim), r) for r in records), key=lambda pair: pair[0])
+    return min(((kernel_time(r, rows), r) for r in records), key=lambda pair: pair[0])
+
+
+def backward_parts(dim, dtype):
+    """The kernels of the backward at width ``dim`` in ``dtype`` (the product once per operand layout)."""
+    if block_d(dim, dtype):
+        return ["anchor_grad", "candidate_grad"]
+    return ["score_grad"] + [f"product {layout}" for layout in PRODUCT_LAYOUTS]
 
 
 def calls(records):
     """Per (dtype, case, pull, shift, shape) on sm_90: GEMM-equivalents and modelled fractions of a
-    call: the forward, and the backward's score_grad and both products."""
+    call: the forward and the backward's kernels at that width."""
     out = []
     def variant(r):
         return r["arch"], r["dtype"], r["case"], r["pull"], r["shift"]
 
-    measured = [r for r in records if "per_pair" in r]
+    measured = [r for r in records if "sass_per_pair" in r]
     loss_variants = {variant(r) for r in measured if r["arch"] == 90 and r["kernel"] != "product"}  # an H100 model
     for arch, dtype, case, pull, shift in sorted(loss_variants):
-        mine = [r for r in measured if variant(r) == (arch, dtype, case, pull, shift)]
         for rows, dim in SHAPES:
-            parts = {kernel: [r for r in mine if r["kernel"] == kernel] for kernel in ("forward", "score_grad")}
-            parts.update({f"product {layout}": [r for r in measured if r["kernel"] == "product" and
-                                                (r["arch"], r["dtype"], r["case"]) == (arch, dtype, layout)]
-                          for layout in PRODUCT_LAYOUTS})
+            def found(part):
+                if part.startswith("product"):
+                    return [r for r in measured if r["kernel"] == "product" and r["dim"] == dim and
+                            (r["arch"], r["dtype"], r["case"]) == (arch, dtype, part.split()[1])]
+                return [r for r in measured if r["kernel"] == part and r["dim"] == dim and
+                        variant(r) == (arch, dtype, case, pull, shift)]
+
+            parts = {part: found(part) for part in ["forward"] + backward_parts(dim, dtype)}
             if not all(parts.values()):
                 continue
-            best = {name: _fastest(found, rows, dim) for name, found in parts.items()}
+            best = {name: _fastest(records, rows) for name, records in parts.items()}
             fwd_t = best["forward"][0]
             backward = [name for name in best if name != "forward"]
             bwd_t = sum(best[name][0] for name in backward)
             half = dtype != "fp32"
             out.append(dict(arch=arch, dtype=dtype, case=case, pull=pull, shift=shift, n=rows, dim=dim,
+                            forget_fraction=FORGET_FRACTION,
                             gemm_equivalents_fwd=gemm_equivalents("forward", case),
                             gemm_equivalents_bwd=sum(gemm_equivalents(best[name][1]["kernel"], case) for name in backward),
                             modelled_seconds_fwd=fwd_t, modelled_seconds_bwd=bwd_t,
@@ -316,23 +359,24 @@ def prechosen_table(call_rows):
     dtypes = {name: dtype for dtype, name in DTYPE_NAMES.items()}
     table = {}
     for c in call_rows:
-        for kernel in ("forward", "score_grad"):  # the product is timed at every size (a short GEMM)
-            index = c["configs"][kernel]
+        for kernel, index in c["configs"].items():
+            if kernel.startswith("product"):  # the product is timed at every size (a short GEMM)
+                continue
             table[prechosen_key(kernel, c["case"] == "self", c["pull"], c["shift"] == "fixed", dtypes[c["dtype"]],
                                 c["dim"])] = index
     return dict(sorted(table.items()))
 
 
 def markdown(records, call_rows):
-    lines = ["| kernel | config | arch | dtype | case | pull | shift | regs | spill B | shared KB | mma | SASS/pair | "
-             "MUFU/pair | SASS/pair, masked tiles |", "|---" * 14 + "|"]
+    lines = ["| kernel | config | arch | dtype | case | pull | shift | D | regs | spill B | shared KB | mma | SASS/pair | "
+             "MUFU/pair | SASS/pair, masked tiles |", "|---" * 15 + "|"]
     for r in records:
         if r["dtype"] != "bf16" or r["arch"] != 90:
             continue
         mma = "yes" if r["mma"] else "no"
         pull, shift = ("—", "—") if r["kernel"] == "product" else (r["pull"], r["shift"])
         lines.append(f"| {r['kernel']} | {r['config']} | sm_{r['arch']} | {r['dtype']} | {r['case']} | {pull} | "
-                     f"{shift} | {r['regs']} | {r['spill_bytes']} | {r['shared_bytes'] / 1024:.1f} | {mma} | "
+                     f"{shift} | {r['dim']} | {r['regs']} | {r['spill_bytes']} | {r['shared_bytes'] / 1024:.1f} | {mma} | "
                      f"{r['sass_per_pair'] or 0:.1f} | {r['mufu_per_pair'] or 0:.2f} | "
                      f"{r['masked_sass_per_pair'] or 0:.1f} |")
     lines += ["", "| arch | dtype | case | pull | shift | N = M | D | GEMM-eq fwd | GEMM-eq bwd | modelled fwd / matmul "

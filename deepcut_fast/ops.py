@@ -220,7 +220,9 @@ def memory_plan(rows: int, dim: int, dtype: torch.dtype) -> dict:
     element = torch.empty(0, dtype=dtype).element_size()
     full = rows * dim * element
     chunk = min(rows, chunk_rows(dim)) * dim * 4
-    columns = _triton_module().scratch_columns(rows, rows, element)
+    kernels = _triton_module()
+    # narrow fp16/bf16 rows need no dL/ds scratch (the backward recomputes S in two kernels)
+    columns = 0 if kernels.resident_width(dim, dtype) else kernels.scratch_columns(rows, rows, element)
     plan = dict(z=full, unit_rows=full, du_fp32=rows * dim * 4, ds_scratch=rows * columns * element, du=full,
                 dz=full, per_row=rows * 128, normalize_scratch=8 * chunk)
     if dtype == torch.float32:  # the cast of du to the input dtype is du itself

@@ -52,8 +52,10 @@ LOG2E = tl.constexpr(1.4426950408889634)
 LN2 = tl.constexpr(0.6931471805599453)
 
 def _config(block_m, block_n, block_k, warps, stages):
-    return triton.Config({"BLOCK_M": block_m, "BLOCK_N": block_n, "BLOCK_K": block_k}, num_warps=warps,
-                         num_stages=stages)
+    tiles = {"BLOCK_M": block_m, "BLOCK_N": block_n}
+    if block_k:  # the narrow backward kernels hold whole rows: no chunk of D
+        tiles["BLOCK_K"] = block_k
+    return triton.Config(tiles, num_warps=warps, num_stages=stages)
 
 
 # Tile configs a GPU may pick (autotuned: TUNE_KEY below), per kernel, architecture family (90:
@@ -75,11 +77,20 @@ GPU_CONFIGS = {
         (90, "fp32"): [_config(32, 64, 16, 4, 2)],
         (80, "fp32"): [_config(32, 64, 16, 4, 2)],
     },
+    # narrow fp16/bf16 rows (resident_width): a resident block and an fp32 [block, BLOCK_D] accumulator
+    "anchor_grad": {
+        (90, "half"): [_config(128, 64, 0, 8, 2), _config(64, 64, 0, 4, 2), _config(64, 32, 0, 4, 3)],
+        (80, "half"): [_config(64, 64, 0, 8, 2), _config(64, 32, 0, 8, 2)],
+    },
+    "candidate_grad": {
+        (90, "half"): [_config(128, 64, 0, 8, 2), _config(32, 128, 0, 8, 2), _config(32, 64, 0, 4, 2)],
+        (80, "half"): [_config(32, 64, 0, 4, 2), _config(32, 32, 0, 4, 2)],
+    },
     "product": {
         (90, "half"): [_config(128, 128, 64, 8, 3), _config(128, 64, 64, 4, 4), _config(64, 128, 64, 4, 4)],
         (80, "half"): [_config(128, 128, 64, 8, 3), _config(128, 64, 64, 4, 4), _config(64, 128, 64, 4, 4)],
         (90, "fp32"): [_config(64, 64, 32, 8, 2), _config(64, 64, 16, 4, 2), _config(32, 64, 16, 4, 2)],
-        (80, "fp32"): [_config(64, 64, 32, 8, 2), _config(64, 64, 16, 4, 2), _config(32, 64, 16, 4, 2)],
+        (80, "fp32"): [_config(64, 64, 16, 4, 2), _config(32, 64, 16, 4, 2)],
     },
 }
 
@@ -102,6 +113,7 @@ def device_arch(device_index):
 INTERPRET_FORWARD_CONFIGS = [triton.Config({"BLOCK_M": 32, "BLOCK_N": 32, "BLOCK_K": 64})]
 INTERPRET_SCORE_GRAD_CONFIGS = INTERPRET_FORWARD_CONFIGS
 INTERPRET_PRODUCT_CONFIGS = [triton.Config({"BLOCK_M": 32, "BLOCK_N": 32, "BLOCK_K": 32})]
+INTERPRET_ROW_GRAD_CONFIGS = [triton.Config({"BLOCK_M": 32, "BLOCK_N": 32})]
 
 # The backward's dL/ds scratch: [M, columns] in the inputs' dtype, columns a power of two such that
 # it holds at most this many bytes (at least MIN_SCRATCH_COLUMNS; never more than N needs). At
@@ -172,21 +184,22 @@ def _finish_lse2(m, l):
 
 
 @triton.jit
-def _logit_grad(s2, in_a, in_p, a_forget, coef, lse_a2, lse_p2, inv_count, qk_scale,
+def _logit_grad(s2, in_a, in_p, a_forget, coef, pos_w, a_scale, p_scale, qk_scale,
                 PULL_LSE: tl.constexpr, FIXED_SHIFT: tl.constexpr):
-    """dL/ds for a tile: coef * (softmax over A - positive weights); all stats pre-broadcast."""
-    q = tl.where(in_p, inv_count, 0.0)  # mean over positives
+    """dL/ds for a tile: coef * (softmax over A - positive weights); per-anchor weights
+    (``anchor_weights``) pre-broadcast."""
+    q = tl.where(in_p, pos_w, 0.0)  # mean over positives
     if FIXED_SHIFT:  # one exp per pair, rescaled per row for each softmax
         e = tl.exp2(s2 - qk_scale)
-        p_a = tl.where(in_a, e * tl.exp2(qk_scale - lse_a2), 0.0)
+        p_a = tl.where(in_a, e * a_scale, 0.0)
         if PULL_LSE:
-            q = tl.where(a_forget, tl.where(in_p, e * tl.exp2(qk_scale - lse_p2), 0.0), q)
+            q = tl.where(a_forget, tl.where(in_p, e * p_scale, 0.0), q)
     else:
         # mask before exp2 so that entries outside the set cannot overflow
-        p_a = tl.exp2(tl.where(in_a, s2 - lse_a2, float("-inf")))
+        p_a = coef * tl.exp2(tl.where(in_a, s2 - a_scale, float("-inf")))
         if PULL_LSE:  # forget anchors pull with a softmax over their positives instead
-            q = tl.where(a_forget, tl.exp2(tl.where(in_p & a_forget, s2 - lse_p2, float("-inf"))), q)
-    return coef * (p_a - q)
+            q = tl.where(a_forget, coef * tl.exp2(tl.where(in_p & a_forget, s2 - p_scale, float("-inf"))), q)
+    return p_a - q
 
 
 @triton.jit
@@ -203,69 +216,103 @@ def _load_rows(LABEL, FORGET, INST, rows, ok, ignore_index, SELF: tl.constexpr):
 
 
 @triton.jit
-def _load_anchor_stats(A_LABEL, A_FORGET, GRAD, LSE_A, LSE_P, COUNT, rows, ok, ignore_index):
-    """What the backward needs per anchor: metadata, upstream coefficient and base-2 stats."""
+def _anchor_block(A_ORDER, A_LABEL, A_FORGET, A_INST, COEF, POS_W, A_SCALE, P_SCALE, m0, M, ignore_index,
+                  BLOCK_M: tl.constexpr):
+    """What the backward needs of the anchors at positions [m0, m0 + BLOCK_M): positions, in
+    range, rows of U, keys and ``anchor_weights``."""
+    rows = m0 + tl.arange(0, BLOCK_M)
+    ok = rows < M
+    a_rows = tl.load(A_ORDER + rows, mask=ok, other=0)
     label = tl.load(A_LABEL + rows, mask=ok, other=ignore_index)
     forget = tl.load(A_FORGET + rows, mask=ok, other=0) != 0
-    count = tl.load(COUNT + rows, mask=ok, other=0)
-    # anchors without positives have a constant loss of 0: no gradient
-    coef = tl.where(count > 0, tl.load(GRAD + rows, mask=ok, other=0.0), 0.0)
-    lse_a2 = tl.load(LSE_A + rows, mask=ok, other=0.0)
-    lse_p2 = tl.load(LSE_P + rows, mask=ok, other=0.0)
-    inv_count = 1.0 / tl.maximum(count, 1).to(tl.float32)
-    return label, forget, coef, lse_a2, lse_p2, inv_count
+    inst = tl.load(A_INST + rows, mask=ok, other=-1)
+    coef = tl.load(COEF + rows, mask=ok, other=0.0)
+    pos_w = tl.load(POS_W + rows, mask=ok, other=0.0)
+    a_scale = tl.load(A_SCALE + rows, mask=ok, other=0.0)
+    p_scale = tl.load(P_SCALE + rows, mask=ok, other=0.0)
+    return rows, ok, a_rows, label, forget, inst, coef, pos_w, a_scale, p_scale
 
 
 @triton.jit
-def _tile_logits(U, C, a_rows, row_ok, C_ORDER, n0, N, D, stride_u, stride_c, qk_scale, UPCAST: tl.constexpr,
-                 PRECISION: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr):
-    """(candidate positions, in range, base-2 logits) of a block of anchors (rows ``a_rows`` of U)
-    against the candidate tile at position n0 (rows C_ORDER[n0:n0 + BLOCK_N] of C)."""
+def _row_tile(X, x_rows, x_ok, stride, D, UPCAST: tl.constexpr, BLOCK_D: tl.constexpr):
+    """X[x_rows, :BLOCK_D], zero past D and in rows that are not ok."""
+    ks = tl.arange(0, BLOCK_D)
+    x = tl.load(X + x_rows.to(tl.int64)[:, None] * stride + ks[None, :], mask=x_ok[:, None] & (ks < D)[None, :],
+                other=0.0)
+    if UPCAST:  # the interpreter multiplies bf16 dot operands wrongly
+        x = x.to(tl.float32)
+    return x
+
+
+@triton.jit
+def _tile_logits(U, C, a_rows, row_ok, a_tile, C_ORDER, n0, N, D, stride_u, stride_c, qk_scale,
+                 UPCAST: tl.constexpr, PRECISION: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
+                 BLOCK_K: tl.constexpr, BLOCK_D: tl.constexpr):
+    """(candidate positions, in range, base-2 logits, candidate tile) of a block of anchors (rows
+    ``a_rows`` of U) against the candidate tile at position n0 (rows C_ORDER[n0:n0 + BLOCK_N] of
+    C). With BLOCK_D (>= D) the anchors are the resident ``a_tile`` and the candidates' whole rows
+    are loaded at once (and returned); else both are streamed over D in chunks of BLOCK_K."""
     cols = n0 + tl.arange(0, BLOCK_N)
     col_ok = cols < N
     c_rows = tl.load(C_ORDER + cols, mask=col_ok, other=0)
-    s2 = _similarity(U, a_rows, row_ok, stride_u, C, c_rows, col_ok, stride_c, D,
-                     BLOCK_M, BLOCK_N, BLOCK_K, UPCAST, PRECISION) * qk_scale
-    return cols, col_ok, s2
+    if BLOCK_D:
+        c_tile = _row_tile(C, c_rows, col_ok, stride_c, D, UPCAST, BLOCK_D)
+        s2 = tl.dot(a_tile, tl.trans(c_tile), input_precision=PRECISION) * qk_scale
+    else:
+        c_tile = 0
+        s2 = _similarity(U, a_rows, row_ok, stride_u, C, c_rows, col_ok, stride_c, D,
+                         BLOCK_M, BLOCK_N, BLOCK_K, UPCAST, PRECISION) * qk_scale
+    return cols, col_ok, s2, c_tile
 
 
 @triton.jit
-def _candidate_tile(U, C, C_ORDER, C_LABEL, C_FORGET, C_INST, a_rows, rows, row_ok, a_label, a_forget, a_inst, n0,
-                    N, D, stride_u, stride_c, qk_scale, ignore_index, SELF: tl.constexpr,
-                    UPCAST: tl.constexpr, PRECISION: tl.constexpr, BLOCK_M: tl.constexpr,
-                    BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr):
-    """Base-2 logits and masks of a block of anchors against the candidate tile at n0."""
-    cols, col_ok, s2 = _tile_logits(U, C, a_rows, row_ok, C_ORDER, n0, N, D, stride_u, stride_c, qk_scale, UPCAST,
-                                    PRECISION, BLOCK_M, BLOCK_N, BLOCK_K)
+def _full_tile_grad(s2, a_label, c_label, coef, pos_w, a_scale, qk_scale, FIXED_SHIFT: tl.constexpr):
+    """dL/ds of a full tile (retain anchors, every pair in A(i)): coef * (the softmax over A(i)
+    less 1 / |P(i)| on the anchor's own class, its positives)."""
+    positive = tl.where(a_label[:, None] == c_label[None, :], pos_w[:, None], 0.0)
+    if FIXED_SHIFT:
+        return tl.exp2(s2 - qk_scale) * a_scale[:, None] - positive
+    return coef[:, None] * tl.exp2(s2 - a_scale[:, None]) - positive
+
+
+@triton.jit
+def _masked_tile_grad(s2, rows, a_label, a_forget, a_inst, cols, col_ok, C_LABEL, C_FORGET, C_INST, coef, pos_w,
+                      a_scale, p_scale, qk_scale, ignore_index, SELF: tl.constexpr, PULL_LSE: tl.constexpr,
+                      FIXED_SHIFT: tl.constexpr):
+    """dL/ds of any tile: the masks from both sides' keys, then ``_logit_grad``."""
     c_label, c_forget, c_inst = _load_rows(C_LABEL, C_FORGET, C_INST, cols, col_ok, ignore_index, SELF)
     in_a, in_p = _pair_masks(a_label[:, None], a_forget[:, None], a_inst[:, None], rows[:, None],
                              c_label[None, :], c_forget[None, :], c_inst[None, :], cols[None, :],
                              ignore_index, SELF)
-    return cols, col_ok, s2, in_a, in_p
+    return _logit_grad(s2, in_a, in_p, a_forget[:, None], coef[:, None], pos_w[:, None], a_scale[:, None],
+                       p_scale[:, None], qk_scale, PULL_LSE, FIXED_SHIFT)
 
 
 @triton.jit
-def _tile_plan(m0, lo, hi, M, N, R, SELF: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr):
-    """How the anchor block at position m0 walks the candidate tiles that start in [lo, hi)
-    (lo a multiple of BLOCK_N). Rows are ordered (``row_order``): retain anchors at positions
-    [0, R), then forget anchors; in the self case the candidates are the same positions, and a
-    retain anchor's contrast set is exactly the other retain rows; in the candidate-bank case
-    every candidate is in it. So for a block of retain anchors every full tile of retain
-    candidates off the diagonal (which holds the self pairs) needs no mask at all ("full" tiles),
-    the diagonal and the last partial tile are masked, and forget candidates are skipped (their dL/ds
-    is 0). Any other block masks every tile. Full tiles are [lo, f1) and [f2, f_end); masked ones
-    [lo_m, m1) and [m2, m_end); tiles from z_lo on lie past the retain candidates."""
-    if SELF:
-        retain_end = R
-    else:
-        retain_end = N
-    if m0 + BLOCK_M <= R:
-        full_end = tl.minimum(hi, retain_end // BLOCK_N * BLOCK_N)
-        tiles_end = tl.cdiv(tl.minimum(hi, retain_end), BLOCK_N) * BLOCK_N
-        if SELF:
-            diag_lo = m0 // BLOCK_N * BLOCK_N
-            diag_hi = tl.cdiv(m0 + BLOCK_M, BLOCK_N) * BLOCK_N
-        else:  # no self pairs: an empty diagonal at the end of the full tiles
+def _tile_plan(start, lo, hi, resident_end, other_end, DIAG: tl.constexpr, REST_MASKED: tl.constexpr,
+               BLOCK_R: tl.constexpr, BLOCK_O: tl.constexpr):
+    """How the resident block of BLOCK_R rows at position ``start`` walks the other side's tiles
+    of BLOCK_O rows that start in [lo, hi) (lo a multiple of BLOCK_O).
+
+    Rows are ordered (``row_order``): retain anchors at positions [0, R), then forget anchors;
+    in the self case candidates are the same positions, and a retain anchor's contrast set is
+    exactly the other retain rows; in the candidate-bank case every candidate is in every
+    contrast set. So where both sides are retain rows (the resident block ends by
+    ``resident_end``, the other side's tile by ``other_end``) a tile needs no mask at all ("full"),
+    except on the diagonal (DIAG: the self pairs); the last partial tile is masked; past
+    ``other_end`` tiles are masked (REST_MASKED: the resident block is candidates, which forget
+    anchors see) or have no pair (the resident block is retain anchors, which see no forget
+    candidate). A resident block that is not all retain masks every tile.
+
+    Full tiles: [lo, f1) and [f2, f_end); masked: [lo_m, m1) and [m2, m_end); tiles from z_lo on
+    have no pair."""
+    if start + BLOCK_R <= resident_end:
+        full_end = tl.minimum(hi, other_end // BLOCK_O * BLOCK_O)
+        tiles_end = tl.cdiv(tl.minimum(hi, other_end), BLOCK_O) * BLOCK_O
+        if DIAG:
+            diag_lo = start // BLOCK_O * BLOCK_O
+            diag_hi = tl.cdiv(start + BLOCK_R, BLOCK_O) * BLOCK_O
+        else:  # an empty diagonal at the end of the full tiles
             diag_lo = full_end
             diag_hi = full_end
         f1 = tl.maximum(lo, tl.minimum(diag_lo, full_end))
@@ -274,8 +321,12 @@ def _tile_plan(m0, lo, hi, M, N, R, SELF: tl.constexpr, BLOCK_M: tl.constexpr, B
         lo_m = tl.maximum(lo, diag_lo)
         m1 = tl.maximum(lo_m, tl.minimum(diag_hi, tiles_end))
         m2 = tl.maximum(lo, tl.maximum(full_end, diag_hi))
-        m_end = tl.maximum(m2, tiles_end)
-        z_lo = tl.maximum(lo, tiles_end)
+        if REST_MASKED:
+            m_end = tl.maximum(m2, hi)
+            z_lo = hi
+        else:
+            m_end = tl.maximum(m2, tiles_end)
+            z_lo = tl.maximum(lo, tiles_end)
     else:
         f1 = lo
         f2 = lo
@@ -289,9 +340,9 @@ def _tile_plan(m0, lo, hi, M, N, R, SELF: tl.constexpr, BLOCK_M: tl.constexpr, B
 
 
 @triton.jit
-def _tile_start(t, lo, first_end, second_start, BLOCK_N: tl.constexpr):
+def _tile_start(t, lo, first_end, second_start, BLOCK: tl.constexpr):
     """Start of the t-th tile of the ranges [lo, first_end) and [second_start, ...)."""
-    n0 = lo + t * BLOCK_N
+    n0 = lo + t * BLOCK
     return tl.where(n0 < first_end, n0, n0 - first_end + second_start)
 
 
@@ -301,7 +352,7 @@ def _forward_kernel(U, C, A_ORDER, C_ORDER, A_LABEL, A_FORGET, A_INST, C_LABEL, 
                     M, N, R, D, stride_u, stride_c, qk_scale, ignore_index,
                     SELF: tl.constexpr, PULL_LSE: tl.constexpr, UPCAST: tl.constexpr,
                     PRECISION: tl.constexpr, FIXED_SHIFT: tl.constexpr, BLOCK_M: tl.constexpr,
-                    BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr):
+                    BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, BLOCK_D: tl.constexpr):
     """Per anchor position: loss, base-2 log-sum-exps over A and P (rows in ``row_order``)."""
     m0 = tl.program_id(0) * BLOCK_M
     rows = m0 + tl.arange(0, BLOCK_M)
@@ -310,26 +361,33 @@ def _forward_kernel(U, C, A_ORDER, C_ORDER, A_LABEL, A_FORGET, A_INST, C_LABEL, 
     a_label = tl.load(A_LABEL + rows, mask=row_ok, other=ignore_index)
     a_forget = tl.load(A_FORGET + rows, mask=row_ok, other=0) != 0
     a_inst = tl.load(A_INST + rows, mask=row_ok, other=-1)
+    a_tile = 0
+    if BLOCK_D:  # narrow rows: the anchors stay resident while candidates stream past
+        a_tile = _row_tile(U, a_rows, row_ok, stride_u, D, UPCAST, BLOCK_D)
 
     m_a = tl.full([BLOCK_M], float("-inf"), tl.float32)
     l_a = tl.zeros([BLOCK_M], tl.float32)
     m_p = tl.full([BLOCK_M], float("-inf"), tl.float32)
     l_p = tl.zeros([BLOCK_M], tl.float32)
-    f1, f2, f_end, lo_m, m1, m2, m_end, _skipped = _tile_plan(m0, 0, N, M, N, R, SELF, BLOCK_M, BLOCK_N)
+    f1, f2, f_end, lo_m, m1, m2, m_end, _skipped = _tile_plan(m0, 0, N, R, R if SELF else N, SELF, False,
+                                                              BLOCK_M, BLOCK_N)
     # the steady state: full tiles, every pair in A(i), none needs a mask
     for t in tl.range(0, tl.cdiv(f1 + f_end - f2, BLOCK_N)):
         n0 = _tile_start(t, 0, f1, f2, BLOCK_N)
-        _, _, s2 = _tile_logits(U, C, a_rows, row_ok, C_ORDER, n0, N, D, stride_u, stride_c, qk_scale, UPCAST,
-                                PRECISION, BLOCK_M, BLOCK_N, BLOCK_K)
+        _c, _ok, s2, _t = _tile_logits(U, C, a_rows, row_ok, a_tile, C_ORDER, n0, N, D, stride_u, stride_c, qk_scale,
+                                       UPCAST, PRECISION, BLOCK_M, BLOCK_N, BLOCK_K, BLOCK_D)
         if FIXED_SHIFT:
             l_a += tl.sum(tl.exp2(s2 - qk_scale), 1)
         else:
             m_a, l_a = _online_lse(m_a, l_a, s2)
     for t in tl.range(0, tl.cdiv(m1 - lo_m + m_end - m2, BLOCK_N)):
         n0 = _tile_start(t, lo_m, m1, m2, BLOCK_N)
-        cols, col_ok, s2, in_a, in_p = _candidate_tile(
-            U, C, C_ORDER, C_LABEL, C_FORGET, C_INST, a_rows, rows, row_ok, a_label, a_forget, a_inst, n0, N, D,
-            stride_u, stride_c, qk_scale, ignore_index, SELF, UPCAST, PRECISION, BLOCK_M, BLOCK_N, BLOCK_K)
+        cols, col_ok, s2, _t = _tile_logits(U, C, a_rows, row_ok, a_tile, C_ORDER, n0, N, D, stride_u, stride_c,
+                                            qk_scale, UPCAST, PRECISION, BLOCK_M, BLOCK_N, BLOCK_K, BLOCK_D)
+        c_label, c_forget, c_inst = _load_rows(C_LABEL, C_FORGET, C_INST, cols, col_ok, ignore_index, SELF)
+        in_a, in_p = _pair_masks(a_label[:, None], a_forget[:, None], a_inst[:, None], rows[:, None],
+                                 c_label[None, :], c_forget[None, :], c_inst[None, :], cols[None, :],
+                                 ignore_index, SELF)
         if FIXED_SHIFT:
             e = tl.exp2(s2 - qk_scale)
             l_a += tl.sum(tl.where(in_a, e, 0.0), 1)
@@ -357,7 +415,7 @@ def _forward_kernel(U, C, A_ORDER, C_ORDER, A_LABEL, A_FORGET, A_INST, C_LABEL, 
 
 @triton.jit
 def _score_grad_kernel(U, C, A_ORDER, C_ORDER, A_LABEL, A_FORGET, A_INST, C_LABEL, C_FORGET, C_INST,
-                       GRAD, LSE_A, LSE_P, COUNT, DS,
+                       COEF, POS_W, A_SCALE, P_SCALE, DS,
                        M, N, R, D, stride_u, stride_c, stride_ds, col_start, col_end, span, qk_scale, ignore_index,
                        SELF: tl.constexpr, PULL_LSE: tl.constexpr, UPCAST: tl.constexpr,
                        PRECISION: tl.constexpr, FIXED_SHIFT: tl.constexpr, BLOCK_M: tl.constexpr,
@@ -371,37 +429,25 @@ def _score_grad_kernel(U, C, A_ORDER, C_ORDER, A_LABEL, A_FORGET, A_INST, C_LABE
     unnormalised logits, one rounding of s2 is a large error in exp2(s2 - lse2).
     """
     m0 = tl.program_id(0) * BLOCK_M
-    rows = m0 + tl.arange(0, BLOCK_M)
-    row_ok = rows < M
-    a_rows = tl.load(A_ORDER + rows, mask=row_ok, other=0)
-    a_label, a_forget, coef, lse_a2, lse_p2, inv_count = _load_anchor_stats(
-        A_LABEL, A_FORGET, GRAD, LSE_A, LSE_P, COUNT, rows, row_ok, ignore_index)
-    a_inst = tl.load(A_INST + rows, mask=row_ok, other=-1)
+    rows, row_ok, a_rows, a_label, a_forget, a_inst, coef, pos_w, a_scale, p_scale = _anchor_block(
+        A_ORDER, A_LABEL, A_FORGET, A_INST, COEF, POS_W, A_SCALE, P_SCALE, m0, M, ignore_index, BLOCK_M)
     first = col_start + tl.program_id(1) * span
     last = tl.minimum(first + span, col_end)
     out_rows = DS + rows.to(tl.int64)[:, None] * stride_ds - col_start
-    f1, f2, f_end, lo_m, m1, m2, m_end, z_lo = _tile_plan(m0, first, last, M, N, R, SELF, BLOCK_M, BLOCK_N)
-    # full tiles: a retain anchor's softmax over every pair, less the mean over its class
-    if FIXED_SHIFT:
-        row_scale = coef * tl.exp2(qk_scale - lse_a2)
+    f1, f2, f_end, lo_m, m1, m2, m_end, z_lo = _tile_plan(m0, first, last, R, R if SELF else N, SELF, False,
+                                                          BLOCK_M, BLOCK_N)
     for t in tl.range(0, tl.cdiv(f1 - first + f_end - f2, BLOCK_N)):
         n0 = _tile_start(t, first, f1, f2, BLOCK_N)
-        cols, _, s2 = _tile_logits(U, C, a_rows, row_ok, C_ORDER, n0, N, D, stride_u, stride_c, qk_scale, UPCAST,
-                                   PRECISION, BLOCK_M, BLOCK_N, BLOCK_K)
-        c_label = tl.load(C_LABEL + cols)
-        positive = tl.where(a_label[:, None] == c_label[None, :], (coef * inv_count)[:, None], 0.0)
-        if FIXED_SHIFT:
-            ds = tl.exp2(s2 - qk_scale) * row_scale[:, None] - positive
-        else:
-            ds = coef[:, None] * tl.exp2(s2 - lse_a2[:, None]) - positive
+        cols, _ok, s2, _t = _tile_logits(U, C, a_rows, row_ok, 0, C_ORDER, n0, N, D, stride_u, stride_c, qk_scale,
+                                         UPCAST, PRECISION, BLOCK_M, BLOCK_N, BLOCK_K, 0)
+        ds = _full_tile_grad(s2, a_label, tl.load(C_LABEL + cols), coef, pos_w, a_scale, qk_scale, FIXED_SHIFT)
         tl.store(out_rows + cols[None, :], ds.to(DS.dtype.element_ty), mask=row_ok[:, None])
     for t in tl.range(0, tl.cdiv(m1 - lo_m + m_end - m2, BLOCK_N)):
         n0 = _tile_start(t, lo_m, m1, m2, BLOCK_N)
-        cols, col_ok, s2, in_a, in_p = _candidate_tile(
-            U, C, C_ORDER, C_LABEL, C_FORGET, C_INST, a_rows, rows, row_ok, a_label, a_forget, a_inst, n0, N, D,
-            stride_u, stride_c, qk_scale, ignore_index, SELF, UPCAST, PRECISION, BLOCK_M, BLOCK_N, BLOCK_K)
-        ds = _logit_grad(s2, in_a, in_p, a_forget[:, None], coef[:, None], lse_a2[:, None],
-                         lse_p2[:, None], inv_count[:, None], qk_scale, PULL_LSE, FIXED_SHIFT)
+        cols, col_ok, s2, _t = _tile_logits(U, C, a_rows, row_ok, 0, C_ORDER, n0, N, D, stride_u, stride_c, qk_scale,
+                                            UPCAST, PRECISION, BLOCK_M, BLOCK_N, BLOCK_K, 0)
+        ds = _masked_tile_grad(s2, rows, a_label, a_forget, a_inst, cols, col_ok, C_LABEL, C_FORGET, C_INST, coef,
+                               pos_w, a_scale, p_scale, qk_scale, ignore_index, SELF, PULL_LSE, FIXED_SHIFT)
         col_ok = col_ok & (cols < last)
         tl.store(out_rows + cols[None, :], ds.to(DS.dtype.element_ty), mask=row_ok[:, None] & col_ok[None, :])
     # past the retain candidates a retain anchor has no pair: dL/ds is 0
@@ -409,6 +455,87 @@ def _score_grad_kernel(U, C, A_ORDER, C_ORDER, A_LABEL, A_FORGET, A_INST, C_LABE
     for n0 in tl.range(z_lo, last, BLOCK_N):
         cols = n0 + tl.arange(0, BLOCK_N)
         tl.store(out_rows + cols[None, :], zero, mask=row_ok[:, None] & (cols < last)[None, :])
+
+
+@triton.jit
+def _anchor_grad_kernel(U, C, A_ORDER, C_ORDER, A_LABEL, A_FORGET, A_INST, C_LABEL, C_FORGET, C_INST,
+                        COEF, POS_W, A_SCALE, P_SCALE, OUT,
+                        M, N, R, D, stride_u, stride_c, stride_out, qk_scale, grad_scale, ignore_index,
+                        SELF: tl.constexpr, PULL_LSE: tl.constexpr, UPCAST: tl.constexpr,
+                        PRECISION: tl.constexpr, FIXED_SHIFT: tl.constexpr, BLOCK_M: tl.constexpr,
+                        BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr):
+    """Narrow rows (D <= BLOCK_D): OUT[anchor rows] += grad_scale * dS @ c for a resident block of
+    BLOCK_M anchors, dS computed tile by tile as the forward computes S (``_tile_plan``) and
+    multiplied at once into a [BLOCK_M, BLOCK_D] fp32 accumulator: no dL/ds leaves the chip."""
+    m0 = tl.program_id(0) * BLOCK_M
+    rows, row_ok, a_rows, a_label, a_forget, a_inst, coef, pos_w, a_scale, p_scale = _anchor_block(
+        A_ORDER, A_LABEL, A_FORGET, A_INST, COEF, POS_W, A_SCALE, P_SCALE, m0, M, ignore_index, BLOCK_M)
+    a_tile = _row_tile(U, a_rows, row_ok, stride_u, D, UPCAST, BLOCK_D)
+    acc = tl.zeros([BLOCK_M, BLOCK_D], tl.float32)
+    f1, f2, f_end, lo_m, m1, m2, m_end, _skipped = _tile_plan(m0, 0, N, R, R if SELF else N, SELF, False,
+                                                              BLOCK_M, BLOCK_N)
+    for t in tl.range(0, tl.cdiv(f1 + f_end - f2, BLOCK_N)):
+        n0 = _tile_start(t, 0, f1, f2, BLOCK_N)
+        cols, _ok, s2, c_tile = _tile_logits(U, C, a_rows, row_ok, a_tile, C_ORDER, n0, N, D, stride_u, stride_c,
+                                             qk_scale, UPCAST, PRECISION, BLOCK_M, BLOCK_N, 0, BLOCK_D)
+        ds = _full_tile_grad(s2, a_label, tl.load(C_LABEL + cols), coef, pos_w, a_scale, qk_scale, FIXED_SHIFT)
+        acc = tl.dot(ds.to(c_tile.dtype), c_tile, acc, input_precision=PRECISION)
+    for t in tl.range(0, tl.cdiv(m1 - lo_m + m_end - m2, BLOCK_N)):
+        n0 = _tile_start(t, lo_m, m1, m2, BLOCK_N)
+        cols, col_ok, s2, c_tile = _tile_logits(U, C, a_rows, row_ok, a_tile, C_ORDER, n0, N, D, stride_u, stride_c,
+                                                qk_scale, UPCAST, PRECISION, BLOCK_M, BLOCK_N, 0, BLOCK_D)
+        ds = _masked_tile_grad(s2, rows, a_label, a_forget, a_inst, cols, col_ok, C_LABEL, C_FORGET, C_INST, coef,
+                               pos_w, a_scale, p_scale, qk_scale, ignore_index, SELF, PULL_LSE, FIXED_SHIFT)
+        acc = tl.dot(ds.to(c_tile.dtype), c_tile, acc, input_precision=PRECISION)
+    _add_rows(OUT, a_rows, row_ok, stride_out, D, acc * grad_scale, BLOCK_D)
+
+
+@triton.jit
+def _candidate_grad_kernel(U, C, A_ORDER, C_ORDER, A_LABEL, A_FORGET, A_INST, C_LABEL, C_FORGET, C_INST,
+                           COEF, POS_W, A_SCALE, P_SCALE, OUT,
+                           M, N, R, D, stride_u, stride_c, stride_out, qk_scale, grad_scale, ignore_index,
+                           SELF: tl.constexpr, PULL_LSE: tl.constexpr, UPCAST: tl.constexpr,
+                           PRECISION: tl.constexpr, FIXED_SHIFT: tl.constexpr, BLOCK_M: tl.constexpr,
+                           BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr):
+    """Narrow rows: OUT[candidate rows] += grad_scale * dS^T @ u for a resident block of BLOCK_N
+    candidates, walking the anchors' tiles of BLOCK_M; each S tile is the forward's ([anchors,
+    candidates], the same dot), so exp2(s2 - lse2) matches it."""
+    n0 = tl.program_id(0) * BLOCK_N
+    cols = n0 + tl.arange(0, BLOCK_N)
+    col_ok = cols < N
+    c_rows = tl.load(C_ORDER + cols, mask=col_ok, other=0)
+    c_label = tl.load(C_LABEL + cols, mask=col_ok, other=ignore_index)
+    c_tile = _row_tile(C, c_rows, col_ok, stride_c, D, UPCAST, BLOCK_D)
+    acc = tl.zeros([BLOCK_N, BLOCK_D], tl.float32)
+    f1, f2, f_end, lo_m, m1, m2, m_end, _none = _tile_plan(n0, 0, M, R if SELF else N, R, SELF, True,
+                                                           BLOCK_N, BLOCK_M)
+    for t in tl.range(0, tl.cdiv(f1 + f_end - f2, BLOCK_M)):
+        m0 = _tile_start(t, 0, f1, f2, BLOCK_M)
+        rows, row_ok, a_rows, a_label, a_forget, a_inst, coef, pos_w, a_scale, p_scale = _anchor_block(
+            A_ORDER, A_LABEL, A_FORGET, A_INST, COEF, POS_W, A_SCALE, P_SCALE, m0, M, ignore_index, BLOCK_M)
+        a_tile = _row_tile(U, a_rows, row_ok, stride_u, D, UPCAST, BLOCK_D)
+        s2 = tl.dot(a_tile, tl.trans(c_tile), input_precision=PRECISION) * qk_scale
+        ds = _full_tile_grad(s2, a_label, c_label, coef, pos_w, a_scale, qk_scale, FIXED_SHIFT)
+        acc = tl.dot(tl.trans(ds.to(a_tile.dtype)), a_tile, acc, input_precision=PRECISION)
+    for t in tl.range(0, tl.cdiv(m1 - lo_m + m_end - m2, BLOCK_M)):
+        m0 = _tile_start(t, lo_m, m1, m2, BLOCK_M)
+        rows, row_ok, a_rows, a_label, a_forget, a_inst, coef, pos_w, a_scale, p_scale = _anchor_block(
+            A_ORDER, A_LABEL, A_FORGET, A_INST, COEF, POS_W, A_SCALE, P_SCALE, m0, M, ignore_index, BLOCK_M)
+        a_tile = _row_tile(U, a_rows, row_ok, stride_u, D, UPCAST, BLOCK_D)
+        s2 = tl.dot(a_tile, tl.trans(c_tile), input_precision=PRECISION) * qk_scale
+        ds = _masked_tile_grad(s2, rows, a_label, a_forget, a_inst, cols, col_ok, C_LABEL, C_FORGET, C_INST, coef,
+                               pos_w, a_scale, p_scale, qk_scale, ignore_index, SELF, PULL_LSE, FIXED_SHIFT)
+        acc = tl.dot(tl.trans(ds.to(a_tile.dtype)), a_tile, acc, input_precision=PRECISION)
+    _add_rows(OUT, c_rows, col_ok, stride_out, D, acc * grad_scale, BLOCK_D)
+
+
+@triton.jit
+def _add_rows(OUT, out_rows, ok, stride, D, value, BLOCK_D: tl.constexpr):
+    """OUT[out_rows, :D] += value (fp32; each row belongs to one program)."""
+    ks = tl.arange(0, BLOCK_D)
+    out = OUT + out_rows.to(tl.int64)[:, None] * stride + ks[None, :]
+    out_ok = ok[:, None] & (ks < D)[None, :]
+    tl.store(out, tl.load(out, mask=out_ok, other=0.0) + value, mask=out_ok)
 
 
 @triton.jit
@@ -457,7 +584,14 @@ TUNE_KEY = ["D", "SELF", "PULL_LSE", "PRECISION", "FIXED_SHIFT"]
 # modelled on sm_90, not measured; older GPUs time them). DEEPCUT_TUNE_ALL=1 times every config at every size.
 TIMED_TUNING_MAX_ROWS = 1 << 16
 PRECHOSEN_FILE = Path(__file__).with_name("prechosen.json")
-WIDE_D = 256  # D above this takes the choice modelled at D = 768, at or below it the one at D = 128
+# fp16/bf16 rows of at most this many features are narrow (``resident_width``): the forward keeps
+# its anchor block resident and the backward runs the two recomputing kernels (anchor_grad,
+# candidate_grad) with fp32 accumulators in registers, no dL/ds scratch; wider rows, and fp32 rows
+# (whose dots run on the FMA pipes with both operands in registers, which whole rows overflow),
+# stream D in chunks and take the scratch and products. Prechosen configs: those modelled at
+# D = 128 for narrow rows, at D = 768 for wide ones.
+WIDE_D = 256
+RESIDENT_DTYPES = (torch.float16, torch.bfloat16)
 DTYPE_NAMES = {torch.float32: "fp32", torch.float16: "fp16", torch.bfloat16: "bf16"}
 
 
@@ -516,6 +650,9 @@ class TunedKernel:
 
 forward_kernel = TunedKernel("forward", _forward_kernel, INTERPRET_FORWARD_CONFIGS)
 score_grad_kernel = TunedKernel("score_grad", _score_grad_kernel, INTERPRET_SCORE_GRAD_CONFIGS)
+anchor_grad_kernel = TunedKernel("anchor_grad", _anchor_grad_kernel, INTERPRET_ROW_GRAD_CONFIGS, restore=["OUT"])
+candidate_grad_kernel = TunedKernel("candidate_grad", _candidate_grad_kernel, INTERPRET_ROW_GRAD_CONFIGS,
+                                    restore=["OUT"])
 # a GEMM: its best tile depends on the output width (N here, the loss's D), the operand layout and
 # precision; one launch is short even at 1M rows, so every bucket is timed
 product_kernel = TunedKernel("product", _product_kernel, INTERPRET_PRODUCT_CONFIGS,
@@ -644,11 +781,30 @@ def forward(u, labels, forget, instance_ids, candidates, candidate_labels, tempe
         by_position = [torch.empty(M, device=u.device, dtype=torch.float32) for _ in range(3)]
         grid = lambda meta: (triton.cdiv(M, meta["BLOCK_M"]),)  # noqa: E731
         forward_kernel[grid, max(M, N)](*tensors, pull_mean, count[order], *by_position, *scalars, qk_scale, ignore,
-                                        **flags)
+                                        BLOCK_D=resident_width(scalars[3], u.dtype), **flags)
         for full, part in zip(stats, by_position):
             full[order] = part
     loss, lse_a, lse_p = stats
     return loss, lse_a, lse_p, count
+
+
+def anchor_weights(grad_loss, lse_a, lse_p, count, qk_scale, fixed_shift):
+    """Per-anchor factors of dL/ds = coef * (softmax over A - weights over P), computed once per
+    anchor here rather than in every tile: coef (the upstream gradient; 0 without positives,
+    whose loss is constant), coef / |P|, and for each softmax the factor of a shifted exp2
+    (fixed shift: coef * 2^(qk_scale - lse)) or the base-2 log-sum-exp to subtract (running)."""
+    coef = torch.where(count > 0, grad_loss, 0.0)
+    pos_w = coef / count.clamp(min=1)
+    if not fixed_shift:
+        return coef, pos_w, lse_a, lse_p
+    scales = [torch.where(coef != 0, coef * torch.exp2(qk_scale - lse), 0.0) for lse in (lse_a, lse_p)]
+    return (coef, pos_w, *scales)
+
+
+def resident_width(dim, dtype):
+    """BLOCK_D of the kernels that hold whole rows: D rounded up to a power of two (at least 16,
+    the smallest dot) for narrow rows (WIDE_D, RESIDENT_DTYPES), or 0: streamed in chunks."""
+    return triton.next_power_of_2(max(16, dim)) if dim <= WIDE_D and dtype in RESIDENT_DTYPES else 0
 
 
 def scratch_columns(rows, cols, element_size):
@@ -676,9 +832,10 @@ def backward(grad_loss, u, labels, forget, instance_ids, candidates, candidate_l
     """(dL/du, dL/dcandidates) in fp32 given dL/dloss_i; in the self case dL/du holds both
     sides and the second is None. A gradient that is not needed is None.
 
-    For each block of candidate columns J: dS[:, J] into the scratch (score_grad), then
-    dL/du += dS[:, J] @ c[J] and dL/dc[J] += dS[:, J]^T @ u (product); in the self case both go
-    into one buffer, the rows of z."""
+    Narrow rows (``resident_width``): anchor_grad and candidate_grad, each recomputing S. Wide rows:
+    for each block of candidate columns J, dS[:, J] into the scratch (score_grad), then
+    dL/du += dS[:, J] @ c[J] and dL/dc[J] += dS[:, J]^T @ u (product). In the self case both
+    sides go into one buffer, the rows of z."""
     u = u.contiguous()
     # dS = coef * (softmax - positive weights) is rounded to the input dtype for the tensor-core
     # products. coef carries the upstream gradient and the group weight / count, easily 1e-6
@@ -698,10 +855,23 @@ def backward(grad_loss, u, labels, forget, instance_ids, candidates, candidate_l
     du = torch.zeros(u.shape[0], D, device=u.device, dtype=torch.float32) if need_anchor_grad else None
     # the self case adds the candidate term into du in place (its rows are z's rows)
     dc = du if self_case else (torch.zeros(c.shape[0], D, device=u.device, dtype=torch.float32) if need_candidate_grad else None)
+    grad_scale = 1.0 / (temperature * scale)
+    stats = anchor_weights(grad_loss[a_order], lse_a[a_order], lse_p[a_order], count[a_order], qk_scale,
+                           flags["FIXED_SHIFT"])
+    if resident_width(D, u.dtype) and M and N:  # narrow rows: two recomputing kernels, nothing in between
+        args = (*stats, M, N, scalars[2], D, u.stride(0), c.stride(0))
+        width = dict(BLOCK_D=resident_width(D, u.dtype), **flags)
+        if du is not None:
+            grid = lambda meta: (triton.cdiv(M, meta["BLOCK_M"]),)  # noqa: E731
+            anchor_grad_kernel[grid, max(M, N)](*tensors, *args[:4], du, *args[4:], du.stride(0), qk_scale,
+                                                grad_scale, ignore, **width)
+        if dc is not None:
+            grid = lambda meta: (triton.cdiv(N, meta["BLOCK_N"]),)  # noqa: E731
+            candidate_grad_kernel[grid, max(M, N)](*tensors, *args[:4], dc, *args[4:], dc.stride(0), qk_scale,
+                                                   grad_scale, ignore, **width)
+        return (du, None) if self_case else (du, dc)
     columns = scratch_columns(M, N, u.element_size())
     ds = torch.empty(M, columns, device=u.device, dtype=u.dtype) if M and N and (du is not None or dc is not None) else None
-    grad_scale = 1.0 / (temperature * scale)
-    stats = (grad_loss[a_order], lse_a[a_order], lse_p[a_order], count[a_order])
     for start in range(0, N if ds is not None else 0, columns):
         end = min(start + columns, N)
         span = min(SCORE_GRAD_SPAN, end - start)

@@ -37,7 +37,8 @@ def compiled():
 def test_every_variant_was_compiled(compiled):
     assert {r["arch"] for r in compiled} == set(ARCHS)
     assert {r["dtype"] for r in compiled} == {"fp32", "fp16", "bf16"}
-    assert {r["kernel"] for r in compiled} == {"forward", "score_grad", "product"}
+    assert {r["kernel"] for r in compiled} == {"forward", "score_grad", "product", "anchor_grad", "candidate_grad"}
+    assert {(r["kernel"], r["dim"]) for r in compiled if r["kernel"] == "forward"} == {("forward", 128), ("forward", 768)}
     assert {r["transpose_a"] for r in compiled if r["kernel"] == "product"} == {False, True}
 
 

@@ -56,6 +56,8 @@ def stubbed(monkeypatch):
     monkeypatch.setattr(contrastive, "forward_kernel", ZeroingKernel([12, 13, 14]))
     monkeypatch.setattr(contrastive, "score_grad_kernel", ZeroingKernel([14]))
     monkeypatch.setattr(contrastive, "product_kernel", ZeroingKernel([2]))
+    monkeypatch.setattr(contrastive, "anchor_grad_kernel", ZeroingKernel([14]))
+    monkeypatch.setattr(contrastive, "candidate_grad_kernel", ZeroingKernel([14]))
     return contrastive
 
 
@@ -79,21 +81,24 @@ def test_the_op_allocates_exactly_its_memory_plan(stubbed, dtype):
     assert plan["unit_rows"] == plan["dz"] == full
 
 
+@pytest.mark.parametrize("dim", [DIM, 320])
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float32])
-def test_the_backward_launcher_keeps_one_fp32_gradient_buffer(stubbed, dtype):
+def test_the_backward_launcher_keeps_one_fp32_gradient_buffer(stubbed, dtype, dim):
     """Inside the op: du in fp32, into which the self case's candidate term is added in place
-    (no second [rows, D] buffer, no sum of two), and one block of dL/ds columns."""
-    u = torch.randn(ROWS, DIM).to(dtype)
+    (no second [rows, D] buffer, no sum of two), and for rows that are not narrow fp16/bf16 ones
+    one block of dL/ds columns."""
+    u = torch.randn(ROWS, dim).to(dtype)
     labels, forget, ids = torch.zeros(ROWS, dtype=torch.long), torch.zeros(ROWS, dtype=torch.bool), torch.arange(ROWS)
     stats = (torch.zeros(ROWS), torch.zeros(ROWS), torch.zeros(ROWS, dtype=torch.int32))
     grad = torch.ones(ROWS)
     with Allocations() as recorded:
         du, dc = stubbed.backward(grad, u, labels, forget, ids, None, None, *stats, 0.5, True, -100, True, True, False)
     assert dc is None and du.dtype == torch.float32
-    columns = stubbed.MIN_SCRATCH_COLUMNS  # ROWS rows fit in one block of the smallest width
-    assert sizes(recorded.log, CHUNK_ROWS * DIM * 4, 1 << 40) == sorted(
-        [((ROWS, DIM), "torch.float32"), ((ROWS, columns), str(dtype))])
-    plan = ops.memory_plan(ROWS, DIM, dtype)
+    narrow = dtype != torch.float32 and dim <= stubbed.WIDE_D
+    columns = 0 if narrow else stubbed.MIN_SCRATCH_COLUMNS  # ROWS rows fit in one block of the smallest width
+    scratch = [] if narrow else [((ROWS, columns), str(dtype))]
+    assert sizes(recorded.log, CHUNK_ROWS * dim * 4, 1 << 40) == sorted([((ROWS, dim), "torch.float32")] + scratch)
+    plan = ops.memory_plan(ROWS, dim, dtype)
     assert plan["du_fp32"] == du.untyped_storage().nbytes()
     assert plan["ds_scratch"] == ROWS * columns * u.element_size()
 

@@ -184,24 +184,42 @@ def test_instance_ids_shared_by_forget_and_retain_rows(backend, pull):
 
 
 @pytest.mark.parametrize("tile", [(32, 32), (64, 32), (16, 32)])
+@pytest.mark.parametrize("width", ["narrow", "wide"])
 @pytest.mark.parametrize("candidates", [None, 150])
 @pytest.mark.parametrize("pull", ["logsumexp", "mean"])
-def test_every_kind_of_tile(backend, pull, candidates, tile, monkeypatch):
+def test_every_kind_of_tile(backend, pull, candidates, width, tile, monkeypatch):
     """Enough rows for every kind of tile the Triton kernels walk in ``row_order``: full tiles of
     retain rows (no masks), the diagonal, the last partial retain tile, forget rows, ignored rows
-    left out; anchor blocks taller, as tall and shorter than candidate tiles; and the backward's
-    dL/ds in several blocks of columns, each split into several windows."""
+    left out; resident blocks taller, as tall and shorter than the tiles they walk. Narrow rows
+    take the resident-row kernels (in the interpreter forced for fp32 rows, to compare at fp32
+    tolerances; on a GPU in bf16); wide ones (forced) dL/ds in several blocks of columns, each
+    split into several windows, and the products."""
+    samples, dtype = 170, torch.float32
     if backend == "triton":
         from deepcut_fast.kernels import contrastive as k
 
-        block_m, block_n = tile
-        config = [k.triton.Config({"BLOCK_M": block_m, "BLOCK_N": block_n, "BLOCK_K": 32})]
-        monkeypatch.setattr(k, "forward_kernel", k.TunedKernel("forward", k.forward_kernel.fn, config))
-        monkeypatch.setattr(k, "score_grad_kernel", k.TunedKernel("score_grad", k.score_grad_kernel.fn, config))
+        if k.INTERPRET:  # the interpreter takes any tile: small ones, so that few rows meet every kind
+            block_m, block_n = tile
+            tiles = {"BLOCK_M": block_m, "BLOCK_N": block_n}
+            chunked = [k.triton.Config(dict(tiles, BLOCK_K=32))]
+            for name, configs in [("forward", chunked), ("score_grad", chunked),
+                                  ("anchor_grad", [k.triton.Config(tiles)]), ("candidate_grad", [k.triton.Config(tiles)])]:
+                launcher = getattr(k, f"{name}_kernel")
+                monkeypatch.setattr(k, f"{name}_kernel", k.TunedKernel(name, launcher.fn, configs,
+                                                                       restore=launcher.restore))
+            if width == "narrow":
+                monkeypatch.setattr(k, "RESIDENT_DTYPES", k.RESIDENT_DTYPES + (torch.float32,))
+            block_n = tile[1]
+        elif tile != (32, 32):
+            pytest.skip("a GPU takes its own tiles")
+        else:  # the GPU's tiles are up to 128 rows
+            samples, dtype, block_n = 1500, torch.bfloat16 if width == "narrow" else torch.float32, 64
+        if width == "wide":
+            monkeypatch.setattr(k, "WIDE_D", 0)
         monkeypatch.setattr(k, "DS_SCRATCH_BYTES", 0)
         monkeypatch.setattr(k, "MIN_SCRATCH_COLUMNS", 4 * block_n)  # blocks of 4 tiles of columns
         monkeypatch.setattr(k, "SCORE_GRAD_SPAN", 2 * block_n)  # windows of 2 tiles
-    elif tile != (32, 32):
-        pytest.skip("tiles are the Triton kernels'")
-    check(backend, dict(samples=170, dim=40, classes=4, forget_frac=0.15, ignore_frac=0.1, n_candidates=candidates,
-                        seed=3), dict(forget_pull=pull))
+    elif (tile, width) != ((32, 32), "narrow"):
+        pytest.skip("tiles and widths are the Triton kernels'")
+    check(backend, dict(samples=samples, dim=40, classes=4, forget_frac=0.15, ignore_frac=0.1,
+                        n_candidates=candidates and samples - 20, seed=3), dict(forget_pull=pull), dtype=dtype)
