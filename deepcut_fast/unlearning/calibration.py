@@ -218,20 +218,18 @@ class Calibrator:
         return self._met(start)
 
     def _focus(self, model):
-        """Sample requests: positions of the forget samples that the run changes. A retrained
-        model gets about as many forget samples right as held-out ones, so only the excess is
-        unlearned: that many of the correctly predicted forget samples, those it is least sure
-        of (the ones a model that never saw them most likely gets wrong). The others are
-        neither trained on nor contrasted, as in retraining. None: all of them."""
+        """Sample requests: positions of the forget samples that the run changes
+        (``sample_focus``); the others are neither trained on nor contrasted, as in retraining.
+        None: all of them."""
         target = self.state["target"]
         if self.request != "sample" or not target.measurable or self.forget_all.token_level:
             return None
-        preds = predict(model, self.tokenizer, self.forget_all, max_length=self.config.max_length)
-        correct = np.flatnonzero(preds.predicted == preds.labels)
-        excess = len(correct) - target.forget_accuracy * len(self.forget_all)
-        count = max(1, math.ceil(excess)) if excess > 0 else 0
-        least_sure = correct[np.argsort(-preds.losses[correct], kind="stable")][:count]
-        return sorted(int(i) for i in least_sure)
+        options = dict(max_length=self.config.max_length)
+        preds = predict(model, self.tokenizer, self.forget_all, **options)
+        heldout_losses = None
+        if self.state["start"]["mia_auc"] > target.mia_auc:  # membership still shows: its excess too
+            heldout_losses = predict(model, self.tokenizer, self.guard, **options).losses
+        return sample_focus(preds.predicted == preds.labels, preds.losses, target.forget_accuracy, heldout_losses)
 
     def training_forget(self, forget):
         """The forget samples the run trains on (``_focus``)."""
@@ -313,6 +311,25 @@ class Calibrator:
     def load_state_dict(self, state):
         self.state = dict(state)
         self.start_clock()
+
+
+def sample_focus(correct, losses, accuracy_target, heldout_losses=None):
+    """Positions of the forget samples a sample-level run unlearns. A retrained model gets about
+    as many forget samples right as held-out ones: the excess of correct ones over
+    ``accuracy_target`` (a share), taking those the model is least sure of (the ones a model that
+    never saw them most likely gets wrong). Its losses on them look like held-out losses, so about
+    half lie below the held-out median: with ``heldout_losses`` (the membership target is not
+    met), also the excess below that median, taking the lowest losses (the most surely
+    memorised, which a loss-threshold attack finds first)."""
+    n = len(losses)
+    right = np.flatnonzero(correct)
+    extra = len(right) - accuracy_target * n
+    chosen = set(right[np.argsort(-losses[right], kind="stable")][:max(1, math.ceil(extra)) if extra > 0 else 0])
+    if heldout_losses is not None and len(heldout_losses):
+        below = np.flatnonzero(losses < np.median(heldout_losses))
+        extra = len(below) - 0.5 * n
+        chosen |= set(below[np.argsort(losses[below], kind="stable")][:math.ceil(extra) if extra > 0 else 0])
+    return sorted(int(i) for i in chosen)
 
 
 def _flat(figures):
