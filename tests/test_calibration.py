@@ -157,17 +157,17 @@ def test_calibrated_run_resumes_to_the_same_model(tok, original, tmp_path):
     assert same_weights(resumed.model, straight.model.state_dict())
 
 
-def test_sample_focus_takes_the_accuracy_excess_and_the_membership_excess():
+def test_sample_focus_takes_the_accuracy_excess_else_the_membership_excess():
     """The forget samples a sample-level run unlearns, computed by hand: 10 samples, 8 correct,
     target accuracy 60% (an excess of 2: the two correct ones of highest loss); held-out median
     loss 1.0, with 7 forget losses below it where a model that never saw them puts 5 (an excess of
-    2: the two lowest losses). With the membership target met (no held-out losses) only the first."""
+    2: the two lowest losses), taken when accuracy is at its target (90%)."""
     from deepcut_fast.unlearning.calibration import sample_focus
 
     losses = np.array([0.05, 0.9, 0.2, 3.0, 0.01, 0.5, 0.7, 2.0, 0.8, 1.2])
     correct = np.array([1, 1, 1, 0, 1, 1, 1, 0, 1, 1], dtype=bool)
     heldout = np.array([0.5, 1.0, 1.5, 0.2, 2.5])
     assert sample_focus(correct, losses, 0.6) == [1, 9]  # losses 1.2 and 0.9: least sure of the correct
-    assert sample_focus(correct, losses, 0.6, heldout) == [0, 1, 4, 9]  # and 0.01, 0.05: most surely memorised
+    assert sample_focus(correct, losses, 0.6, heldout) == [1, 9]  # an accuracy excess comes first
     assert sample_focus(correct, losses, 0.9, heldout) == [0, 4]  # accuracy at target: membership alone
     assert sample_focus(correct, losses, 0.9, np.array([0.001, 0.002])) == []  # nothing below the median

@@ -318,14 +318,16 @@ def sample_focus(correct, losses, accuracy_target, heldout_losses=None):
     as many forget samples right as held-out ones: the excess of correct ones over
     ``accuracy_target`` (a share), taking those the model is least sure of (the ones a model that
     never saw them most likely gets wrong). Its losses on them look like held-out losses, so about
-    half lie below the held-out median: with ``heldout_losses`` (the membership target is not
-    met), also the excess below that median, taking the lowest losses (the most surely
-    memorised, which a loss-threshold attack finds first)."""
+    half lie below the held-out median: when there is no accuracy excess but ``heldout_losses``
+    are given (the membership target is not met), the excess below that median instead, taking
+    the lowest losses (the most surely memorised, which a loss-threshold attack finds first).
+    Taking both at once broke the guard at the first check on Rotten Tomatoes (random 10%, seed 0):
+    the run ended as the original."""
     n = len(losses)
     right = np.flatnonzero(correct)
     extra = len(right) - accuracy_target * n
     chosen = set(right[np.argsort(-losses[right], kind="stable")][:max(1, math.ceil(extra)) if extra > 0 else 0])
-    if heldout_losses is not None and len(heldout_losses):
+    if not chosen and heldout_losses is not None and len(heldout_losses):
         below = np.flatnonzero(losses < np.median(heldout_losses))
         extra = len(below) - 0.5 * n
         chosen |= set(below[np.argsort(losses[below], kind="stable")][:math.ceil(extra) if extra > 0 else 0])
