@@ -276,14 +276,21 @@ def _full_tile_grad(s2, a_label, c_label, coef, pos_w, a_scale, qk_scale, FIXED_
 
 
 @triton.jit
+def _tile_masks(rows, a_label, a_forget, a_inst, cols, col_ok, C_LABEL, C_FORGET, C_INST, ignore_index,
+                SELF: tl.constexpr):
+    """(in A(i), in P(i)) of the anchors at positions ``rows`` against the candidates at ``cols``."""
+    c_label, c_forget, c_inst = _load_rows(C_LABEL, C_FORGET, C_INST, cols, col_ok, ignore_index, SELF)
+    return _pair_masks(a_label[:, None], a_forget[:, None], a_inst[:, None], rows[:, None],
+                       c_label[None, :], c_forget[None, :], c_inst[None, :], cols[None, :], ignore_index, SELF)
+
+
+@triton.jit
 def _masked_tile_grad(s2, rows, a_label, a_forget, a_inst, cols, col_ok, C_LABEL, C_FORGET, C_INST, coef, pos_w,
                       a_scale, p_scale, qk_scale, ignore_index, SELF: tl.constexpr, PULL_LSE: tl.constexpr,
                       FIXED_SHIFT: tl.constexpr):
-    """dL/ds of any tile: the masks from both sides' keys, then ``_logit_grad``."""
-    c_label, c_forget, c_inst = _load_rows(C_LABEL, C_FORGET, C_INST, cols, col_ok, ignore_index, SELF)
-    in_a, in_p = _pair_masks(a_label[:, None], a_forget[:, None], a_inst[:, None], rows[:, None],
-                             c_label[None, :], c_forget[None, :], c_inst[None, :], cols[None, :],
-                             ignore_index, SELF)
+    """dL/ds of any tile: the masks from both sides' keys (``_tile_masks``), then ``_logit_grad``."""
+    in_a, in_p = _tile_masks(rows, a_label, a_forget, a_inst, cols, col_ok, C_LABEL, C_FORGET, C_INST, ignore_index,
+                             SELF)
     return _logit_grad(s2, in_a, in_p, a_forget[:, None], coef[:, None], pos_w[:, None], a_scale[:, None],
                        p_scale[:, None], qk_scale, PULL_LSE, FIXED_SHIFT)
 
@@ -384,9 +391,7 @@ def _forward_kernel(U, C, A_ORDER, C_ORDER, A_LABEL, A_FORGET, A_INST, C_LABEL, 
         n0 = _tile_start(t, lo_m, m1, m2, BLOCK_N)
         cols, col_ok, s2, _t = _tile_logits(U, C, a_rows, row_ok, a_tile, C_ORDER, n0, N, D, stride_u, stride_c,
                                             qk_scale, UPCAST, PRECISION, BLOCK_M, BLOCK_N, BLOCK_K, BLOCK_D)
-        c_label, c_forget, c_inst = _load_rows(C_LABEL, C_FORGET, C_INST, cols, col_ok, ignore_index, SELF)
-        in_a, in_p = _pair_masks(a_label[:, None], a_forget[:, None], a_inst[:, None], rows[:, None],
-                                 c_label[None, :], c_forget[None, :], c_inst[None, :], cols[None, :],
+        in_a, in_p = _tile_masks(rows, a_label, a_forget, a_inst, cols, col_ok, C_LABEL, C_FORGET, C_INST,
                                  ignore_index, SELF)
         if FIXED_SHIFT:
             e = tl.exp2(s2 - qk_scale)
