@@ -166,7 +166,8 @@ def unlearn(args):
     if calibration:
         verdict = "met" if calibration["met"] else "not met" if calibration["measured"] else "not measured"
         print(f"request: {calibration['request']}; target {verdict} ({calibration['aim']}); "
-              f"stopped: {calibration['stopped_because']}")
+              f"stopped: {calibration['stopped_because']}" + ("" if calibration["rewound_to_step"] is None else
+              f"; ended on step {calibration['rewound_to_step']}, the check nearest the target"))
     return 0
 
 

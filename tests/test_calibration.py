@@ -6,12 +6,13 @@ import numpy as np
 import pytest
 import torch
 
-from deepcut_fast.unlearning.calibration import SAMPLE_STEPS_WITHOUT_HELDOUT, request_kind
+from deepcut_fast.unlearning.calibration import SAMPLE_STEPS_WITHOUT_HELDOUT, Calibrator, request_kind
 from deepcut_fast.unlearning.data import TextDataset, forget_indices
 from deepcut_fast.unlearning.unlearner import Checkpoint, DeepCUTUnlearner, UnlearnConfig, accuracy
 from tiny_models import fine_tune, interrupted_at, tiny_bert, toy_corpus  # fixtures tok, original: conftest
 
 NO_TIME_LIMIT = 1e6  # retraining epochs: the budget never ends these runs
+MEASURE = Calibrator._measure
 
 
 @pytest.fixture(scope="module")
@@ -109,6 +110,36 @@ def test_steps_that_break_the_guard_are_undone(tok, original, heldout):
     assert [c["step"] for c in report["checks"] if c.get("undone")] == [2, 4, 6]
     assert len(result.history) == 6 and same_weights(model, state)
     assert report["final"] == report["start"]
+
+
+def scripted_forget_accuracy(monkeypatch, values):
+    """Checks measure the model as usual (the guard), but read these forget accuracies in turn."""
+    measure, script = MEASURE, iter(values)
+    monkeypatch.setattr(Calibrator, "_measure", lambda self, model: dict(measure(self, model),
+                                                                          forget_accuracy=next(script)))
+
+
+@pytest.mark.parametrize("script, steps, ends_on", [((0.9, 0.95, 0.97), 4, 0), ((0.9, 0.5, 0.7), 4, 2)])
+def test_run_ends_on_the_check_nearest_its_target(tok, original, heldout, monkeypatch, script, steps, ends_on):
+    """Checks that pass the guard but move away from the target: the run rewinds to the nearest
+    state (the start, or step 2), with the weights a run that stopped there has."""
+    data, state = original
+    forget, retain = data.partition(forget_indices(data, forget_class="tech"))
+
+    def run(script, steps):
+        scripted_forget_accuracy(monkeypatch, script)
+        cfg = UnlearnConfig(learning_rate=1e-5, budget=NO_TIME_LIMIT, steps=steps, max_length=32)
+        return DeepCUTUnlearner(model_from(state, data, tok), tok, cfg).unlearn(
+            forget, retain, progress=False, heldout=heldout)
+
+    result = run(script, steps)
+    report = result.calibration
+    assert [c["step"] for c in report["checks"]] == [0, 2, 4] and not any(c.get("undone") for c in report["checks"])
+    assert report["rewound_to_step"] == ends_on and report["final"] == report["checks"][ends_on // 2]
+    assert report["final"]["forget_accuracy"] == script[ends_on // 2] and not report["met"]
+    stopped_there = run(script[:ends_on // 2 + 1], ends_on).model if ends_on else model_from(state, data, tok)
+    assert same_weights(result.model, stopped_there.state_dict())
+    assert not same_weights(result.model, model_from(state, data, tok).state_dict()) or ends_on == 0
 
 
 def test_time_budget_ends_the_run(tok, original, heldout):

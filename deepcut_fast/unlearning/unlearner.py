@@ -486,7 +486,7 @@ def train_steps(model, tokenizer, forget: TextDataset, retain: TextDataset, conf
         if stop_reason == "budget" and result.history and checked != result.history[-1]["step"]:
             calibrator.after_step(result.history[-1]["step"], model, optimizer, last=True)  # undone if it broke the guard
         result.stopped_early = stop_reason != "steps"
-        result.calibration = calibrator.finish(stop_reason or "steps")
+        result.calibration = calibrator.finish(stop_reason or "steps", model)
     model.eval()
     if config.gradient_checkpointing:
         set_activation_checkpointing(model, False)
