@@ -6,7 +6,7 @@ import numpy as np
 import pytest
 import torch
 
-from deepcut_fast.unlearning.calibration import SAMPLE_STEPS_WITHOUT_HELDOUT, Calibrator, request_kind
+from deepcut_fast.unlearning.calibration import SAMPLE_STEPS_WITHOUT_HELDOUT, Calibrator, probe_seconds, request_kind
 from deepcut_fast.unlearning.data import TextDataset, forget_indices
 from deepcut_fast.unlearning.unlearner import Checkpoint, DeepCUTUnlearner, UnlearnConfig, accuracy
 from tiny_models import fine_tune, interrupted_at, tiny_bert, toy_corpus  # fixtures tok, original: conftest
@@ -152,6 +152,17 @@ def test_time_budget_ends_the_run(tok, original, heldout):
     # the first check interval always runs; then the budget ends the run
     assert report["stopped_because"] == "budget" and len(result.history) == cfg.check_every
     assert report["retrain_epoch_seconds_estimate"] > 0 and not report["met"]
+
+
+def test_budget_probe_leaves_the_model_as_it_was(tok, original):
+    """The timed retraining steps (a retain set smaller than their batches wraps around) change
+    no weight, gradient or random state."""
+    data, state = original
+    model = model_from(state, data, tok)
+    rng = torch.get_rng_state()
+    seconds = probe_seconds(model, tok, data.subset(range(5)), UnlearnConfig(max_length=32))
+    assert seconds > 0 and same_weights(model, state) and torch.equal(torch.get_rng_state(), rng)
+    assert all(p.grad is None for p in model.parameters())
 
 
 def test_without_heldout_data_a_sample_target_is_not_measured(tok, original):

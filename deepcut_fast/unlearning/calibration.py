@@ -21,7 +21,7 @@ class); a change must pass its bound by more than one standard error of the pair
 (samples lost and gained since the start), so that noise does not stop a run. A check that breaks the guard undoes the steps since the last good check and halves the
 learning rate; the third time, the run stops. The run also stops when the
 target is met, or when its time (checks included) would pass ``budget`` times the estimated
-time of one epoch of retraining on the retain set (one step of cross-entropy on a retain batch,
+time of one epoch of retraining on the retain set (a step of cross-entropy on a retain batch,
 timed before the run, times the batches in the retain set); the first check interval runs
 whatever the budget.
 
@@ -60,6 +60,7 @@ REQUEST_SETTINGS = {
 CLASS_TARGET = 0.02
 SAMPLE_STEPS_WITHOUT_HELDOUT = 8
 MAX_UNDOS = 2  # the third guard failure ends the run
+PROBE_STEPS = 3  # retraining steps timed for the budget (probe_seconds)
 
 
 def request_kind(request, forget, retain) -> str:
@@ -375,23 +376,27 @@ def _unflat(check):
 
 def probe_seconds(model, tokenizer, retain, config):
     """Seconds of one retraining step (cross-entropy forward and backward on a retain batch of
-    ``retain_batch_size``), the second of two so that start-up costs are left out. Weights,
-    gradients and the random state are left as they were."""
+    ``retain_batch_size``): the median of ``PROBE_STEPS`` steps on successive retain batches,
+    after one step that takes the start-up costs. One timed step was off by half on a loaded
+    2-core machine (62 and 41 s per epoch in two runs of one study cell). Weights, gradients and
+    the random state are left as they were."""
     device = next(model.parameters()).device
-    rows = range(min(config.retain_batch_size, len(retain)))
-    inputs, labels = encode_labelled(tokenizer, [retain.texts[i] for i in rows], [retain.labels[i] for i in rows],
-                                     config.max_length, device)
+    size = min(config.retain_batch_size, len(retain))
     was_training, rng = model.training, torch.get_rng_state()
     model.train()
-    for _ in range(2):
+    seconds = []
+    for batch in range(PROBE_STEPS + 1):
+        rows = [(batch * size + i) % len(retain) for i in range(size)]
+        inputs, labels = encode_labelled(tokenizer, [retain.texts[i] for i in rows],
+                                         [retain.labels[i] for i in rows], config.max_length, device)
         start = time.perf_counter()
         logits = model(**inputs).logits
         F.cross_entropy(logits.flatten(0, -2), labels.flatten(), ignore_index=-100).backward()
-        seconds = time.perf_counter() - start
+        seconds.append(time.perf_counter() - start)
     torch.set_rng_state(rng)
     model.zero_grad(set_to_none=True)
     model.train(was_training)
-    return seconds
+    return float(np.median(seconds[1:]))
 
 
 def steps_per_epoch(size, batch_size):
