@@ -6,7 +6,9 @@ import numpy as np
 import pytest
 import torch
 
-from deepcut_fast.unlearning.calibration import SAMPLE_STEPS_WITHOUT_HELDOUT, Calibrator, probe_seconds, request_kind
+from deepcut_fast.unlearning.calibration import (SAMPLE_STEPS_WITHOUT_HELDOUT, Calibrator, fixed_sample, probe_seconds,
+                                                  request_kind, sample_focus)
+from deepcut_fast.unlearning.evaluation import loss_mia_auc, predict
 from deepcut_fast.unlearning.data import TextDataset, forget_indices
 from deepcut_fast.unlearning.unlearner import Checkpoint, DeepCUTUnlearner, UnlearnConfig, accuracy
 from tiny_models import fine_tune, interrupted_at, tiny_bert, toy_corpus  # fixtures tok, original: conftest
@@ -115,7 +117,7 @@ def test_steps_that_break_the_guard_are_undone(tok, original, heldout):
 def scripted_forget_accuracy(monkeypatch, values):
     """Checks measure the model as usual (the guard), but read these forget accuracies in turn."""
     measure, script = MEASURE, iter(values)
-    monkeypatch.setattr(Calibrator, "_measure", lambda self, model: dict(measure(self, model),
+    monkeypatch.setattr(Calibrator, "_measure", lambda self, model, *made: dict(measure(self, model, *made),
                                                                           forget_accuracy=next(script)))
 
 
@@ -152,6 +154,30 @@ def test_time_budget_ends_the_run(tok, original, heldout):
     # the first check interval always runs; then the budget ends the run
     assert report["stopped_because"] == "budget" and len(result.history) == cfg.check_every
     assert report["retrain_epoch_seconds_estimate"] > 0 and not report["met"]
+
+
+def test_sample_request_focus_and_start_come_from_one_prediction(tok, original, heldout):
+    """The start figures of the check's fixed forget sample and the focus over every forget
+    sample, both from one prediction of the forget set: the same as predicting each apart. A
+    third of the held-out labels are wrong, so that the target lies below the forget accuracy
+    and the focus is not empty."""
+    data, state = original
+    forget, retain = data.partition(random_forget(data))
+    model = model_from(state, data, tok)
+    classes = len(heldout.label_names)
+    hard = TextDataset(heldout.ids, heldout.texts, [(y + 1) % classes if i % 3 == 0 else y
+                                                    for i, y in enumerate(heldout.labels)], heldout.label_names)
+    cfg = UnlearnConfig(max_length=32, stop_sample=10).for_request("sample")
+    calibrator = Calibrator(tok, forget, retain, hard, cfg, "sample")
+    calibrator.start_clock()
+    calibrator.begin(model, 1.0, 1, torch.optim.AdamW(model.parameters()))
+    start, target = calibrator.state["start"], calibrator.state["target"]
+    every, guard = (predict(model, tok, d, max_length=32) for d in (forget, calibrator.guard))
+    assert start["forget_accuracy"] == accuracy(model, tok, fixed_sample(forget, 10, cfg.seed), 32)
+    assert start["mia_auc"] == pytest.approx(loss_mia_auc(predict(model, tok, calibrator.forget, max_length=32), guard))
+    membership = guard.losses if start["mia_auc"] > target.mia_auc else None
+    focus = sample_focus(every.predicted == every.labels, every.losses, target.forget_accuracy, membership)
+    assert calibrator.state["focus"] == focus and 0 < len(focus) < len(forget)
 
 
 def test_budget_probe_leaves_the_model_as_it_was(tok, original):
@@ -204,8 +230,6 @@ def test_sample_focus_takes_the_accuracy_excess_else_the_membership_excess():
     target accuracy 60% (an excess of 2: the two correct ones of highest loss); held-out median
     loss 1.0, with 7 forget losses below it where a model that never saw them puts 5 (an excess of
     2: the two lowest losses), taken when accuracy is at its target (90%)."""
-    from deepcut_fast.unlearning.calibration import sample_focus
-
     losses = np.array([0.05, 0.9, 0.2, 3.0, 0.01, 0.5, 0.7, 2.0, 0.8, 1.2])
     correct = np.array([1, 1, 1, 0, 1, 1, 1, 0, 1, 1], dtype=bool)
     heldout = np.array([0.5, 1.0, 1.5, 0.2, 2.5])

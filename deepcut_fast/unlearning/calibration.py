@@ -81,13 +81,18 @@ def _absent_classes(forget, retain):
     return sorted(set(forget.labels) - set(retain.labels))
 
 
+def fixed_positions(n, size, seed):
+    """Sorted positions of a fixed random sample of at most ``size`` of ``n`` rows (its own
+    generator: the batches a run draws do not depend on it); None: all rows."""
+    if size is None or n <= size:
+        return None
+    return sorted(torch.randperm(n, generator=torch.Generator().manual_seed(seed))[:size].tolist())
+
+
 def fixed_sample(data, size, seed):
-    """A fixed random sample of at most ``size`` rows of ``data`` (its own generator: the
-    batches a run draws do not depend on it)."""
-    if size is None or len(data) <= size:
-        return data
-    order = torch.randperm(len(data), generator=torch.Generator().manual_seed(seed))
-    return data.subset(sorted(order[:size].tolist()))
+    """The rows of ``data`` at ``fixed_positions``."""
+    positions = fixed_positions(len(data), size, seed)
+    return data if positions is None else data.subset(positions)
 
 
 def _standard_error(p, *sizes):
@@ -131,7 +136,8 @@ class Calibrator:
         self.forget_all = forget
         if absent:
             forget = forget.subset([i for i, y in enumerate(forget.labels) if y in absent])
-        self.forget = fixed_sample(forget, config.stop_sample, config.seed)
+        self.forget_positions = fixed_positions(len(forget), config.stop_sample, config.seed)
+        self.forget = forget if self.forget_positions is None else forget.subset(self.forget_positions)
         self.has_heldout = heldout is not None and len(heldout) > 0
         guard = heldout if self.has_heldout else retain
         if absent:  # the guard keeps the other classes; the forgotten ones are meant to go
@@ -144,10 +150,13 @@ class Calibrator:
                           epoch_seconds=None, checks=[], focus=None)
 
     # -- measuring ---------------------------------------------------------------------------
-    def _measure(self, model):
-        options = dict(max_length=self.config.max_length)
-        forget = predict(model, self.tokenizer, self.forget, **options)
-        guard = predict(model, self.tokenizer, self.guard, **options)
+    def _predict(self, model, data):
+        return predict(model, self.tokenizer, data, max_length=self.config.max_length)
+
+    def _measure(self, model, forget=None, guard=None):
+        """The figures of a check; ``forget`` and ``guard``: predictions made already."""
+        forget = self._predict(model, self.forget) if forget is None else forget
+        guard = self._predict(model, self.guard) if guard is None else guard
         guard_metrics = classification_metrics(guard, self.label_names)
         figures = dict(forget_accuracy=classification_metrics(forget, self.label_names)["accuracy"],
                        guard_accuracy=guard_metrics["accuracy"],
@@ -220,30 +229,32 @@ class Calibrator:
     def begin(self, model, probe_step_seconds, steps_per_epoch, optimizer):
         """Measure the starting figures, set the target and the time budget (the clock started
         with ``start_clock``). True when the target is met already (the run takes no step)."""
-        start = self._measure(model)
+        focusing = self.request == "sample" and self.has_heldout and not self.forget_all.token_level
+        # a sample-level focus ranks every forget sample: the check's sample is among them
+        forget_all = self._predict(model, self.forget_all) if focusing else None
+        forget = None if forget_all is None else \
+            forget_all if self.forget_positions is None else forget_all.subset(self.forget_positions)
+        guard = self._predict(model, self.guard)
+        start = self._measure(model, forget, guard)
         self.state.update(start=start, start_correct=start.pop("guard_correct", None), target=self._target(start),
                           epoch_seconds=probe_step_seconds * steps_per_epoch, focus=None)
-        self.state["focus"] = self._focus(model)
+        if focusing:
+            self.state["focus"] = self._focus(forget_all, guard)
         self.state["checks"].append(dict(step=0, **_flat(start)))
         self._remember(model, optimizer, start)
         return self._met(start)
 
-    def _focus(self, model):
+    def _focus(self, forget_all, guard):
         """Sample requests: positions of the forget samples that the run changes
-        (``sample_focus``); the others are neither trained on nor contrasted, as in retraining.
-        None: all of them."""
+        (``sample_focus``, from the predictions of every forget sample and of the held-out
+        sample); the others are neither trained on nor contrasted, as in retraining."""
         target = self.state["target"]
-        if self.request != "sample" or not target.measurable or self.forget_all.token_level:
-            return None
-        options = dict(max_length=self.config.max_length)
-        preds = predict(model, self.tokenizer, self.forget_all, **options)
-        heldout_losses = None
-        if self.state["start"]["mia_auc"] > target.mia_auc:  # membership still shows: its excess too
-            heldout_losses = predict(model, self.tokenizer, self.guard, **options).losses
-        return sample_focus(preds.predicted == preds.labels, preds.losses, target.forget_accuracy, heldout_losses)
+        heldout_losses = guard.losses if self.state["start"]["mia_auc"] > target.mia_auc else None
+        return sample_focus(forget_all.predicted == forget_all.labels, forget_all.losses, target.forget_accuracy,
+                            heldout_losses)
 
     def training_forget(self, forget):
-        """The forget samples the run trains on (``_focus``)."""
+        """The forget samples the run trains on (``_focus``; None: all of them)."""
         focus = self.state["focus"]
         return forget if focus is None else forget.subset(focus)
 

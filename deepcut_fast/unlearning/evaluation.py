@@ -44,6 +44,10 @@ class Predictions:
     def predicted(self):
         return self.probs.argmax(1)
 
+    def subset(self, rows):
+        return Predictions(self.labels[rows], self.probs[rows],
+                           None if self.embeddings is None else self.embeddings[rows])
+
     @property
     def losses(self):
         """Per sample."""
