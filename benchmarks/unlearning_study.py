@@ -2,7 +2,7 @@
 
     python -m benchmarks.unlearning_study --out benchmarks/results/unlearning-study \
         --cache runs/study-cache [--corpora bbc_news rotten_tomatoes debates_2016] \
-        [--scenarios class noisy random] [--seeds 0 1 2] [--models-only]
+        [--scenarios class noisy random] [--seeds 0 1 2] [--models-only | --aggregate-only | --rescore]
 
 Each (corpus, scenario, seed) is one ``run_demo`` (the default, calibrated ``unlearn`` settings
 for DeepCUT and every baseline) into ``<out>/<corpus>/<scenario>-seed<seed>/``; a finished one
@@ -17,9 +17,9 @@ from pathlib import Path
 
 import numpy as np
 
-from deepcut_fast.unlearning.compare import METHODS_COMPARED, THREE_PLACES
+from deepcut_fast.unlearning.compare import METHODS_COMPARED, THREE_PLACES, rescored, write_report
 from deepcut_fast.unlearning.data import CORPORA
-from deepcut_fast.unlearning.demo import METHOD_ORDER, SCENARIOS, DemoOptions, run_demo, train_models
+from deepcut_fast.unlearning.demo import METHOD_ORDER, SCENARIOS, DemoOptions, report_title, run_demo, train_models
 from deepcut_fast.unlearning.files import atomic_write, atomic_write_json
 
 BASELINES = tuple(m for m in METHODS_COMPARED if m != "deepcut")
@@ -99,6 +99,9 @@ def main(argv=None):
     parser.add_argument("--rerun", action="store_true", help="run the methods again where a report exists")
     parser.add_argument("--aggregate-only", action="store_true",
                         help="run nothing: aggregate the reports that exist for the given seeds")
+    parser.add_argument("--rescore", action="store_true",
+                        help="run nothing: recompute the summaries of the reports that exist from their stored "
+                             "details (after a change to a summarised figure), rewrite them, and aggregate")
     args = parser.parse_args(argv)
     out, cache = Path(args.out), Path(args.cache)
     study = {}
@@ -107,9 +110,12 @@ def main(argv=None):
         for seed in args.seeds:
             opts = DemoOptions(scenario=scenario, corpus=corpus, seed=seed)
             run_dir = out / corpus / f"{scenario}-seed{seed}"
-            if args.aggregate_only:
+            if args.aggregate_only or args.rescore:
                 if (run_dir / "report.json").exists():
                     reports.append(json.loads((run_dir / "report.json").read_text()))
+                    if args.rescore:
+                        reports[-1] = rescored(reports[-1])
+                        write_report(run_dir, reports[-1], report_title(reports[-1]))
                 continue
             if args.models_only:
                 train_models(opts, cache)

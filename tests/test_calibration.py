@@ -14,7 +14,7 @@ from deepcut_fast.unlearning.unlearner import Checkpoint, DeepCUTUnlearner, Unle
 from tiny_models import fine_tune, interrupted_at, tiny_bert, toy_corpus  # fixtures tok, original: conftest
 
 NO_TIME_LIMIT = 1e6  # retraining epochs: the budget never ends these runs
-MEASURE = Calibrator._measure
+MEASURE = Calibrator.measure
 
 
 @pytest.fixture(scope="module")
@@ -117,7 +117,7 @@ def test_steps_that_break_the_guard_are_undone(tok, original, heldout):
 def scripted_forget_accuracy(monkeypatch, values):
     """Checks measure the model as usual (the guard), but read these forget accuracies in turn."""
     measure, script = MEASURE, iter(values)
-    monkeypatch.setattr(Calibrator, "_measure", lambda self, model, *made: dict(measure(self, model, *made),
+    monkeypatch.setattr(Calibrator, "measure", lambda self, model, *made: dict(measure(self, model, *made),
                                                                           forget_accuracy=next(script)))
 
 

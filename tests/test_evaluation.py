@@ -60,7 +60,8 @@ def test_gap_and_distance():
     other = dict(report, forget=dict(macro_f1=0.1, accuracy=0.5), mia_loss_auc=0.5)
     gaps = gap_to(report, other)
     assert gaps["forget_f1"] == pytest.approx(40) and gaps["mia_loss_auc"] == pytest.approx(0.1)
-    assert gaps["distance"] == pytest.approx((0.4 + 0.1) / len(headline(report)))
+    assert gaps["distance"] == pytest.approx((0.4 + 0.1) / (len(headline(report)) - 1))  # not the SVC's
+    assert gap_to(report, dict(report, mia_svc_efficacy=0.9))["distance"] == 0
 
 
 def test_evaluate_end_to_end():

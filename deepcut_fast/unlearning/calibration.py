@@ -153,7 +153,7 @@ class Calibrator:
     def _predict(self, model, data):
         return predict(model, self.tokenizer, data, max_length=self.config.max_length)
 
-    def _measure(self, model, forget=None, guard=None):
+    def measure(self, model, forget=None, guard=None):
         """The figures of a check; ``forget`` and ``guard``: predictions made already."""
         forget = self._predict(model, self.forget) if forget is None else forget
         guard = self._predict(model, self.guard) if guard is None else guard
@@ -235,7 +235,7 @@ class Calibrator:
         forget = None if forget_all is None else \
             forget_all if self.forget_positions is None else forget_all.subset(self.forget_positions)
         guard = self._predict(model, self.guard)
-        start = self._measure(model, forget, guard)
+        start = self.measure(model, forget, guard)
         self.state.update(start=start, start_correct=start.pop("guard_correct", None), target=self._target(start),
                           epoch_seconds=probe_step_seconds * steps_per_epoch, focus=None)
         if focusing:
@@ -278,7 +278,7 @@ class Calibrator:
             return None
         if fixed_only and not last and step < SAMPLE_STEPS_WITHOUT_HELDOUT:
             return None
-        figures = self._measure(model)
+        figures = self.measure(model)
         check = dict(step=step, **_flat(figures))
         self.state["checks"].append(check)
         if self._guard_broken(figures):

@@ -212,14 +212,11 @@ def compare_methods(original, tokenizer, sets, retrained, config: UnlearnConfig,
                                          progress=progress, heldout=sets["heldout"])
         record(name, result.model, time.perf_counter() - start, len(result.history), result.calibration)
     timing = retrain_time_same_run(recipe, retain, tokenizer)
-    gold = rows["retrain"]
     counts = np.bincount(sets["train"].labels, minlength=len(label_names))
     minority = label_names[int(np.argmin(counts))]
-    summary = {name: summary_row(row, gold, timing, minority) for name, row in rows.items()}
-    return dict(request=request, forgotten_classes=forgotten, minority_class=minority, config=asdict(config),
-                recipe=asdict(recipe),
-                sizes={k: len(v) for k, v in sets.items() if hasattr(v, "texts")}, summary=summary, details=rows,
-                timing=timing)
+    return rescored(dict(request=request, forgotten_classes=forgotten, minority_class=minority, config=asdict(config),
+                         recipe=asdict(recipe), sizes={k: len(v) for k, v in sets.items() if hasattr(v, "texts")},
+                         summary=None, details=rows, timing=timing))
 
 
 def summary_row(row, gold, timing, minority):
@@ -238,6 +235,14 @@ def summary_row(row, gold, timing, minority):
     if "calibration" in row:
         out["target_met"] = row["calibration"]["met"]
     return out
+
+
+def rescored(report):
+    """``report`` with its summary computed again from its stored details (after a change to how
+    a figure is summarised, such as the distance)."""
+    gold, minority = report["details"]["retrain"], report["minority_class"]
+    summary = {name: summary_row(row, gold, report["timing"], minority) for name, row in report["details"].items()}
+    return dict(report, summary=summary)
 
 
 COLUMNS = [("forget_f1", "forget F1"), ("retain_f1", "retain F1"), ("test_f1", "test F1"),

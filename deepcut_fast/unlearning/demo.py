@@ -217,5 +217,10 @@ def run_demo(opts: DemoOptions, out: Path, progress=True, cache: Path = None):
                              true_labels=true_labels, progress=progress)
     report.update(options=dict(asdict(opts), unlearn=report["config"]),
                   notes={k: len(v) for k, v in data["notes"].items()})
-    write_report(out, report, f"demo, {opts.corpus}, scenario {opts.scenario}")
+    write_report(out, report, report_title(report))
     return report
+
+
+def report_title(report):
+    """The title of a demo report's table and plot."""
+    return f"demo, {report['options']['corpus']}, scenario {report['options']['scenario']}"
