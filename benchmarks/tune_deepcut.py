@@ -83,7 +83,9 @@ def calibration_summary(calibration):
         return {}
     checks = [(c["step"], round(c["forget_accuracy"], 3), round(c.get("mia_auc", float("nan")), 3),
                round(c["guard_accuracy"], 3), bool(c.get("undone"))) for c in calibration["checks"]]
-    return dict(aim=calibration["aim"], met=calibration["met"], stopped=calibration["stopped_because"], checks=checks)
+    return dict(aim=calibration["aim"], met=calibration["met"], stopped=calibration["stopped_because"], checks=checks,
+                seconds_split={k: round(v, 1) for k, v in calibration["seconds_split"].items()},
+                retrain_epoch_seconds_estimate=calibration["retrain_epoch_seconds_estimate"])
 
 
 if __name__ == "__main__":

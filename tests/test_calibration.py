@@ -97,6 +97,9 @@ def test_target_met_before_the_first_step_leaves_the_model_alone(tok, original, 
     result = DeepCUTUnlearner(model, tok, cfg).unlearn(unseen, data, progress=False, heldout=heldout)
     assert result.calibration["stopped_because"] == "target met before the first step"
     assert result.calibration["met"] and result.history == [] and same_weights(model, state)
+    # no budget is needed, so no retraining step is timed
+    assert result.calibration["retrain_epoch_seconds_estimate"] is None
+    assert result.calibration["seconds_split"]["budget_probe"] < 1e-3
 
 
 def test_steps_that_break_the_guard_are_undone(tok, original, heldout):
@@ -154,6 +157,10 @@ def test_time_budget_ends_the_run(tok, original, heldout):
     # the first check interval always runs; then the budget ends the run
     assert report["stopped_because"] == "budget" and len(result.history) == cfg.check_every
     assert report["retrain_epoch_seconds_estimate"] > 0 and not report["met"]
+    split = report["seconds_split"]  # disjoint parts of the run's time: the steps are timed apart too
+    assert split["budget_probe"] > 0 and split["checks"] > 0
+    assert sum(split.values()) == pytest.approx(report["seconds"])
+    assert split["steps"] >= sum(record["seconds"] for record in result.history)
 
 
 def test_sample_request_focus_and_start_come_from_one_prediction(tok, original, heldout):
@@ -170,7 +177,7 @@ def test_sample_request_focus_and_start_come_from_one_prediction(tok, original, 
     cfg = UnlearnConfig(max_length=32, stop_sample=10).for_request("sample")
     calibrator = Calibrator(tok, forget, retain, hard, cfg, "sample")
     calibrator.start_clock()
-    calibrator.begin(model, 1.0, 1, torch.optim.AdamW(model.parameters()))
+    calibrator.begin(model, lambda: 1.0, 1, torch.optim.AdamW(model.parameters()))
     start, target = calibrator.state["start"], calibrator.state["target"]
     every, guard = (predict(model, tok, d, max_length=32) for d in (forget, calibrator.guard))
     assert start["forget_accuracy"] == accuracy(model, tok, fixed_sample(forget, 10, cfg.seed), 32)

@@ -6,7 +6,7 @@ import torch
 
 from deepcut_fast.unlearning.data import forget_indices
 from deepcut_fast.unlearning.evaluation import (Predictions, classification_metrics, evaluate, gap_to, headline,
-                                                loss_mia_auc, svc_mia_efficacy)
+                                                loss_mia_auc, predict, svc_mia_efficacy)
 from tiny_models import tiny_bert, tokenizer, toy_corpus
 
 
@@ -90,3 +90,18 @@ def test_evaluate_end_to_end():
     pairs = len(forget_loss) * len(test_loss)
     wins = (forget_loss[:, None] < test_loss[None, :]).sum() + 0.5 * (forget_loss[:, None] == test_loss[None, :]).sum()
     assert report["mia_loss_auc"] == pytest.approx(wins / pairs, abs=1 / pairs)
+
+
+def test_predictions_keep_the_data_order_when_batched_by_length():
+    tok = tokenizer()
+    data = toy_corpus(per_class=4)
+    # lengths that batching by length reorders: long, short, long, ...
+    texts = [t if i % 2 else " ".join([t] * 4) for i, t in enumerate(data.texts)]
+    data = type(data)(data.ids, texts, data.labels, data.label_names)
+    model = tiny_bert(data.label_names, tok.vocab_size).eval()
+    batched = predict(model, tok, data, batch_size=5, max_length=64, embedding="mean")
+    for i in range(len(data)):  # each text alone: no padding, no reordering
+        alone = predict(model, tok, data.subset([i]), batch_size=1, max_length=64, embedding="mean")
+        np.testing.assert_allclose(batched.probs[i], alone.probs[0], atol=1e-5)
+        np.testing.assert_allclose(batched.embeddings[i], alone.embeddings[0], atol=1e-4)
+    np.testing.assert_array_equal(batched.labels, data.labels)

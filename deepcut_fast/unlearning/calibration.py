@@ -22,8 +22,9 @@ class); a change must pass its bound by more than one standard error of the pair
 learning rate; the third time, the run stops. The run also stops when the
 target is met, or when its time (checks included) would pass ``budget`` times the estimated
 time of one epoch of retraining on the retain set (a step of cross-entropy on a retain batch,
-timed before the run, times the batches in the retain set); the first check interval runs
-whatever the budget.
+timed after the start's predictions, times the batches in the retain set); the first check
+interval runs whatever the budget. The report splits the run's time into that probe, the checks
+and the steps (``seconds_split``).
 
 A run never ends further from its target than it started: it ends on the guarded state (the
 start included) that came nearest the target, the sum of the figures' excesses over their
@@ -60,7 +61,7 @@ REQUEST_SETTINGS = {
 CLASS_TARGET = 0.02
 SAMPLE_STEPS_WITHOUT_HELDOUT = 8
 MAX_UNDOS = 2  # the third guard failure ends the run
-PROBE_STEPS = 3  # retraining steps timed for the budget (probe_seconds)
+PROBE_STEPS = 2  # retraining steps timed for the budget (probe_seconds)
 
 
 def request_kind(request, forget, retain) -> str:
@@ -147,7 +148,7 @@ class Calibrator:
         self.absent = absent
         self.retain_size = len(retain)
         self.state = dict(elapsed=0.0, undos=0, last_good=None, best=None, start=None, target=None,
-                          epoch_seconds=None, checks=[], focus=None)
+                          epoch_seconds=None, checks=[], focus=None, probe_seconds=0.0, check_seconds=0.0)
 
     # -- measuring ---------------------------------------------------------------------------
     def _predict(self, model, data):
@@ -226,9 +227,12 @@ class Calibrator:
     def start_clock(self):
         self._clock = time.perf_counter()
 
-    def begin(self, model, probe_step_seconds, steps_per_epoch, optimizer):
-        """Measure the starting figures, set the target and the time budget (the clock started
-        with ``start_clock``). True when the target is met already (the run takes no step)."""
+    def begin(self, model, probe, steps_per_epoch, optimizer):
+        """Measure the starting figures and set the target; unless it is met already (then the
+        run takes no step: True), time a retraining step with ``probe()`` (after the
+        predictions, which warm the model up) and set the time budget (the clock started with
+        ``start_clock``)."""
+        begun = time.perf_counter()
         focusing = self.request == "sample" and self.has_heldout and not self.forget_all.token_level
         # a sample-level focus ranks every forget sample: the check's sample is among them
         forget_all = self._predict(model, self.forget_all) if focusing else None
@@ -237,12 +241,18 @@ class Calibrator:
         guard = self._predict(model, self.guard)
         start = self.measure(model, forget, guard)
         self.state.update(start=start, start_correct=start.pop("guard_correct", None), target=self._target(start),
-                          epoch_seconds=probe_step_seconds * steps_per_epoch, focus=None)
-        if focusing:
-            self.state["focus"] = self._focus(forget_all, guard)
+                          focus=None)
         self.state["checks"].append(dict(step=0, **_flat(start)))
         self._remember(model, optimizer, start)
-        return self._met(start)
+        met = self._met(start)
+        if focusing and not met:
+            self.state["focus"] = self._focus(forget_all, guard)
+        probing = time.perf_counter()
+        if not met:
+            self.state["epoch_seconds"] = probe() * steps_per_epoch
+        self.state["probe_seconds"] = time.perf_counter() - probing
+        self.state["check_seconds"] += probing - begun
+        return met
 
     def _focus(self, forget_all, guard):
         """Sample requests: positions of the forget samples that the run changes
@@ -278,6 +288,14 @@ class Calibrator:
             return None
         if fixed_only and not last and step < SAMPLE_STEPS_WITHOUT_HELDOUT:
             return None
+        measuring = time.perf_counter()
+        try:
+            return self._check(step, model, optimizer, last)
+        finally:
+            self.state["check_seconds"] += time.perf_counter() - measuring
+
+    def _check(self, step, model, optimizer, last):
+        """Measure, then undo (guard broken) or keep the steps since the last check."""
         figures = self.measure(model)
         check = dict(step=step, **_flat(figures))
         self.state["checks"].append(check)
@@ -293,7 +311,7 @@ class Calibrator:
         self._remember(model, optimizer, figures)
         if self._met(figures):
             return "target met"
-        if fixed_only and step >= SAMPLE_STEPS_WITHOUT_HELDOUT:
+        if not self.state["target"].measurable and step >= SAMPLE_STEPS_WITHOUT_HELDOUT:
             return "steps"
         return "steps" if last else None
 
@@ -316,7 +334,13 @@ class Calibrator:
                     rewound_to_step=final["step"] if rewound else None,
                     start=checks[0], final=final, undone_checks=self.state["undos"], budget_epochs=self.config.budget,
                     retrain_epoch_seconds_estimate=self.state["epoch_seconds"], seconds=self.state["elapsed"],
-                    checks=checks)
+                    seconds_split=self._seconds_split(), checks=checks)
+
+    def _seconds_split(self):
+        """Where the run's time went: timing the budget's probe, the checks (predictions, undone or
+        kept states; the start's included) and the rest (the steps)."""
+        probe, checks = self.state["probe_seconds"], self.state["check_seconds"]
+        return dict(budget_probe=probe, checks=checks, steps=self.state["elapsed"] - probe - checks)
 
     def _remember(self, model, optimizer, figures):
         """Keep the weights of a guarded check (the last good state, which an undo restores), as
@@ -341,7 +365,7 @@ class Calibrator:
         return dict(self.state, elapsed=self.elapsed())
 
     def load_state_dict(self, state):
-        self.state = dict(state)
+        self.state = {**self.state, **state}  # a checkpoint's state may predate a key
         self.start_clock()
 
 
@@ -387,16 +411,20 @@ def _unflat(check):
 
 def probe_seconds(model, tokenizer, retain, config):
     """Seconds of one retraining step (cross-entropy forward and backward on a retain batch of
-    ``retain_batch_size``): the median of ``PROBE_STEPS`` steps on successive retain batches,
-    after one step that takes the start-up costs. One timed step was off by half on a loaded
-    2-core machine (62 and 41 s per epoch in two runs of one study cell). Weights, gradients and
-    the random state are left as they were."""
+    ``retain_batch_size``): the fastest of ``PROBE_STEPS`` steps on successive retain batches.
+    One timed step was off by half on a loaded 2-core machine (62 and 41 s per epoch in two runs
+    of one study cell); the fastest of two is the one least slowed by the first backward pass's
+    start-up or by other load (an underestimate shortens the budget, never lengthens it). Run
+    after forward passes have warmed the model up, it costs two steps where a warm-up step and
+    the median of three cost four: on the smallest study corpus (14 retraining steps an epoch)
+    those four were most of a 0.4-epoch budget. Weights, gradients and the random state are
+    left as they were."""
     device = next(model.parameters()).device
     size = min(config.retain_batch_size, len(retain))
     was_training, rng = model.training, torch.get_rng_state()
     model.train()
     seconds = []
-    for batch in range(PROBE_STEPS + 1):
+    for batch in range(PROBE_STEPS):
         rows = [(batch * size + i) % len(retain) for i in range(size)]
         inputs, labels = encode_labelled(tokenizer, [retain.texts[i] for i in rows],
                                          [retain.labels[i] for i in rows], config.max_length, device)
@@ -407,7 +435,7 @@ def probe_seconds(model, tokenizer, retain, config):
     torch.set_rng_state(rng)
     model.zero_grad(set_to_none=True)
     model.train(was_training)
-    return float(np.median(seconds[1:]))
+    return min(seconds)
 
 
 def steps_per_epoch(size, batch_size):

@@ -427,7 +427,7 @@ def train_steps(model, tokenizer, forget: TextDataset, retain: TextDataset, conf
         if calibrator is not None:
             calibrator.load_state_dict(state["calibration"])
     elif calibrator is not None:
-        if calibrator.begin(model, probe_seconds(model, tokenizer, retain, config),
+        if calibrator.begin(model, lambda: probe_seconds(model, tokenizer, retain, config),
                             steps_per_epoch(len(retain), config.retain_batch_size), optimizer):
             stop_reason = "target met before the first step"
     if calibrator is not None:
