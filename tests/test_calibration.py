@@ -108,7 +108,8 @@ def test_steps_that_break_the_guard_are_undone(tok, original, heldout):
     data, state = original
     forget, retain = data.partition(forget_indices(data, forget_class="tech"))
     model = model_from(state, data, tok)
-    cfg = UnlearnConfig(learning_rate=5.0, gamma=5.0, budget=NO_TIME_LIMIT, steps=40, max_length=32)
+    cfg = UnlearnConfig(learning_rate=5.0, gamma=5.0, budget=NO_TIME_LIMIT, steps=40, max_length=32,
+                        check_time_share=None)
     result = DeepCUTUnlearner(model, tok, cfg).unlearn(forget, retain, progress=False, heldout=heldout)
     report = result.calibration
     assert report["stopped_because"] == "guard" and report["undone_checks"] == 3
@@ -133,7 +134,7 @@ def test_run_ends_on_the_check_nearest_its_target(tok, original, heldout, monkey
 
     def run(script, steps):
         scripted_forget_accuracy(monkeypatch, script)
-        cfg = UnlearnConfig(learning_rate=1e-5, budget=NO_TIME_LIMIT, steps=steps, max_length=32)
+        cfg = UnlearnConfig(learning_rate=1e-5, budget=NO_TIME_LIMIT, steps=steps, max_length=32, check_time_share=None)
         return DeepCUTUnlearner(model_from(state, data, tok), tok, cfg).unlearn(
             forget, retain, progress=False, heldout=heldout)
 
@@ -145,6 +146,27 @@ def test_run_ends_on_the_check_nearest_its_target(tok, original, heldout, monkey
     stopped_there = run(script[:ends_on // 2 + 1], ends_on).model if ends_on else model_from(state, data, tok)
     assert same_weights(result.model, stopped_there.state_dict())
     assert not same_weights(result.model, model_from(state, data, tok).state_dict()) or ends_on == 0
+
+
+@pytest.mark.parametrize("share, check_steps, interval", [(1 / 3, 3.0, 6), (1 / 2, 3.0, 3), (1 / 3, 0.2, 2),
+                                                         (1 / 3, 30.0, 8), (None, 30.0, 2)])
+def test_checks_are_spaced_to_their_share_of_the_time(tok, original, heldout, share, check_steps, interval):
+    """A check that costs ``check_steps`` steps: checks come every ``interval`` steps, so that
+    they take at most ``share`` of the time (at least check_every, at most 4x it; None: every
+    check_every)."""
+    data, state = original
+    forget, retain = data.partition(forget_indices(data, forget_class="tech"))
+    model = model_from(state, data, tok)
+    cfg = UnlearnConfig(max_length=32, check_time_share=share).for_request("class")
+    calibrator = Calibrator(tok, forget, retain, heldout, cfg, "class")
+    optimizer = torch.optim.AdamW(model.parameters())
+    calibrator.start_clock()
+    calibrator.begin(model, lambda: 1.0, 1, optimizer)
+    assert calibrator.state["check_estimate"] > 0  # timed on the start's predictions
+    calibrator.state["check_estimate"] = check_steps * 0.01  # scripted: steps of 0.01 s
+    for step in range(1, 17):  # the model does not change: no check meets the target or breaks the guard
+        assert calibrator.after_step(step, model, optimizer, step_seconds=0.01) is None
+    assert [c["step"] for c in calibrator.state["checks"]] == list(range(0, 17, interval))
 
 
 def test_time_budget_ends_the_run(tok, original, heldout):

@@ -61,6 +61,7 @@ REQUEST_SETTINGS = {
 CLASS_TARGET = 0.02
 SAMPLE_STEPS_WITHOUT_HELDOUT = 8
 MAX_UNDOS = 2  # the third guard failure ends the run
+MAX_INTERVAL_FACTOR = 4  # a sized check interval is at most this many times check_every
 PROBE_STEPS = 2  # retraining steps timed for the budget (probe_seconds)
 
 
@@ -148,7 +149,8 @@ class Calibrator:
         self.absent = absent
         self.retain_size = len(retain)
         self.state = dict(elapsed=0.0, undos=0, last_good=None, best=None, start=None, target=None,
-                          epoch_seconds=None, checks=[], focus=None, probe_seconds=0.0, check_seconds=0.0)
+                          epoch_seconds=None, checks=[], focus=None, probe_seconds=0.0, check_seconds=0.0,
+                          check_estimate=0.0, interval=None)
 
     # -- measuring ---------------------------------------------------------------------------
     def _predict(self, model, data):
@@ -240,6 +242,9 @@ class Calibrator:
             forget_all if self.forget_positions is None else forget_all.subset(self.forget_positions)
         guard = self._predict(model, self.guard)
         start = self.measure(model, forget, guard)
+        # a check predicts the forget and guard samples: the start's time per row, times their rows
+        predicted = len(self.guard) + len(self.forget_all if focusing else self.forget)
+        self.state["check_estimate"] = (time.perf_counter() - begun) / predicted * (len(self.forget) + len(self.guard))
         self.state.update(start=start, start_correct=start.pop("guard_correct", None), target=self._target(start),
                           focus=None)
         self.state["checks"].append(dict(step=0, **_flat(start)))
@@ -272,21 +277,33 @@ class Calibrator:
         return self.state["elapsed"] + time.perf_counter() - self._clock
 
     def out_of_time(self, next_step_seconds, steps_taken):
-        """Whether one more step and its check would pass the budget. The first check interval
-        always runs, however small the retain set (and so the budget) is."""
+        """Whether one more step and a check would pass the budget. The first ``check_every``
+        steps always run, however small the retain set (and so the budget) is."""
         if steps_taken < self.config.check_every:
             return False
         budget = self.config.budget * self.state["epoch_seconds"]
-        return self.elapsed() + 2 * next_step_seconds > budget
+        return self.elapsed() + next_step_seconds + self.state["check_estimate"] > budget
 
-    def after_step(self, step, model, optimizer, last=False):
-        """Check every ``check_every`` steps (and at the ``last``): None to go on, or why the run
-        stops ("target met", "guard", or "steps" when the step limit is reached)."""
-        target = self.state["target"]
-        fixed_only = not target.measurable
-        if not last and step % self.config.check_every:
-            return None
-        if fixed_only and not last and step < SAMPLE_STEPS_WITHOUT_HELDOUT:
+    def interval(self):
+        """Steps between checks: ``check_every``, or with ``check_time_share`` as many as make the
+        checks at most that share of the run's time (set after the first step; at most
+        ``MAX_INTERVAL_FACTOR`` times ``check_every``)."""
+        return self.state["interval"] or self.config.check_every
+
+    def _size_interval(self, step_seconds):
+        share, every = self.config.check_time_share, self.config.check_every
+        steps = every if share is None else \
+            math.ceil(self.state["check_estimate"] * (1 - share) / share / max(step_seconds, 1e-9))
+        self.state["interval"] = min(max(every, steps), MAX_INTERVAL_FACTOR * every)
+
+    def after_step(self, step, model, optimizer, last=False, step_seconds=None):
+        """Check every ``interval()`` steps (and at the ``last``): None to go on, or why the run
+        stops ("target met", "guard", or "steps" when the step limit is reached). The first
+        step's ``step_seconds`` sizes the interval."""
+        if self.state["interval"] is None and step_seconds is not None:
+            self._size_interval(step_seconds)
+        due = step >= SAMPLE_STEPS_WITHOUT_HELDOUT if not self.state["target"].measurable else step % self.interval() == 0
+        if not (due or last):
             return None
         measuring = time.perf_counter()
         try:
