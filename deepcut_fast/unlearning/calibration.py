@@ -13,18 +13,21 @@ A request is one of
   is forget accuracy at most the held-out accuracy and a loss-threshold membership AUC (forget
   vs held-out) at most 0.5, each plus one standard error of the samples measured.
 
-Every check measures fixed samples with dropout off. A guard keeps utility: on the held-out
-sample (without held-out data, a retain sample; for a class request, of the other classes) accuracy may not fall more than
-``guard_accuracy_drop`` below its value before the first step, nor any remaining class's recall
-more than ``guard_recall_drop`` below its own (which also catches a collapse toward a majority
-class); a change must pass its bound by more than one standard error of the paired change
-(samples lost and gained since the start), so that noise does not stop a run. A check that breaks the guard undoes the steps since the last good check and halves the
-learning rate; the third time, the run stops. The run also stops when the
-target is met, or when its time (checks included) would pass ``budget`` times the estimated
-time of one epoch of retraining on the retain set (a step of cross-entropy on a retain batch,
-timed after the start's predictions, times the batches in the retain set); the first check
-interval runs whatever the budget. The report splits the run's time into that probe, the checks
-and the steps (``seconds_split``).
+Every check measures fixed samples with dropout off, every ``check_every`` steps or more: as
+many as keep the checks within ``check_time_share`` of the run's time (``Calibrator.interval``).
+A guard keeps utility: on the held-out sample (without held-out data, a retain sample; for a
+class request, of the other classes) accuracy may not fall more than ``guard_accuracy_drop``
+below its value before the first step, nor any remaining class's recall more than
+``guard_recall_drop`` below its own (which also catches a collapse toward a majority class); a
+change must pass its bound by more than one standard error of the paired change (samples lost
+and gained since the start), so that noise does not stop a run. A check that breaks the guard
+undoes the steps since the last good check and halves the learning rate; the third time, the run
+stops. The run also stops when the target is met, or when its time (checks included) would pass
+``budget`` times the estimated time of one epoch of retraining on the retain set (a step of
+cross-entropy on a retain batch, timed after the start's predictions, times the batches in the
+retain set); the first step runs whatever the budget (on the 2016 debates, 14 retraining steps
+an epoch, the probe and the start's predictions leave no room for one). The report splits the
+run's time into that probe, the checks and the steps (``seconds_split``).
 
 A run never ends further from its target than it started: it ends on the guarded state (the
 start included) that came nearest the target, the sum of the figures' excesses over their
@@ -277,9 +280,9 @@ class Calibrator:
         return self.state["elapsed"] + time.perf_counter() - self._clock
 
     def out_of_time(self, next_step_seconds, steps_taken):
-        """Whether one more step and a check would pass the budget. The first ``check_every``
-        steps always run, however small the retain set (and so the budget) is."""
-        if steps_taken < self.config.check_every:
+        """Whether one more step and a check would pass the budget. The first step always runs,
+        however small the retain set (and so the budget) is: a run without one does nothing."""
+        if steps_taken == 0:
             return False
         budget = self.config.budget * self.state["epoch_seconds"]
         return self.elapsed() + next_step_seconds + self.state["check_estimate"] > budget
