@@ -103,8 +103,9 @@ def test_target_met_before_the_first_step_leaves_the_model_alone(tok, original, 
 
 
 def test_steps_that_break_the_guard_are_undone(tok, original, heldout):
-    """A learning rate that wrecks the model: every check breaks the guard, its steps are undone
-    and the rate halved; the third time the run ends on the starting weights."""
+    """A learning rate that wrecks the model: every check breaks the guard; the first of two is
+    let pass (a dip), the second undoes both intervals' steps and halves the rate; the third
+    time the run ends on the starting weights."""
     data, state = original
     forget, retain = data.partition(forget_indices(data, forget_class="tech"))
     model = model_from(state, data, tok)
@@ -113,9 +114,61 @@ def test_steps_that_break_the_guard_are_undone(tok, original, heldout):
     result = DeepCUTUnlearner(model, tok, cfg).unlearn(forget, retain, progress=False, heldout=heldout)
     report = result.calibration
     assert report["stopped_because"] == "guard" and report["undone_checks"] == 3
-    assert [c["step"] for c in report["checks"] if c.get("undone")] == [2, 4, 6]
-    assert len(result.history) == 6 and same_weights(model, state)
+    assert [c["step"] for c in report["checks"] if c.get("undone")] == [2, 4, 6, 8, 10, 12]
+    assert [c["step"] for c in report["checks"] if c.get("dip")] == [2, 6, 10]
+    assert len(result.history) == 12 and same_weights(model, state)
     assert report["final"] == report["start"]
+
+
+def scripted_guard(monkeypatch, breaks):
+    """Checks measure the model as usual, but the guard reads as broken (every held-out sample
+    the model got right at the start lost) or intact (none lost) by ``breaks``, in turn, and the
+    forget accuracy falls by 0.1 a check (each check nearer the target than the ones before)."""
+    measure, script, start = MEASURE, iter(breaks), []
+
+    def scripted(self, model, *made):
+        figures = measure(self, model, *made)
+        if not start:
+            start.append(figures["guard_correct"].copy())
+        else:
+            figures["guard_correct"] = np.zeros_like(start[0]) if next(script) else start[0].copy()
+        figures["forget_accuracy"] = 0.9 - 0.1 * len(self.state["checks"])
+        return figures
+    monkeypatch.setattr(Calibrator, "measure", scripted)
+
+
+@pytest.mark.parametrize("breaks, steps, undone", [((True, False), 4, []), ((True,), 2, [2]), ((False, True), 4, [4])])
+def test_a_dip_in_the_guard_gets_one_interval_to_recover(tok, original, heldout, monkeypatch, breaks, steps, undone):
+    """A broken guard followed by an intact one keeps every step; a break at the last check (no
+    interval left to recover in) is undone at once."""
+    data, state = original
+    forget, retain = data.partition(forget_indices(data, forget_class="tech"))
+    scripted_guard(monkeypatch, breaks)
+    cfg = UnlearnConfig(learning_rate=1e-4, budget=NO_TIME_LIMIT, steps=steps, max_length=32, check_time_share=None)
+    result = DeepCUTUnlearner(model_from(state, data, tok), tok, cfg).unlearn(forget, retain, progress=False,
+                                                                              heldout=heldout)
+    report = result.calibration
+    assert [c["step"] for c in report["checks"] if c.get("undone")] == undone
+    assert report["undone_checks"] == (1 if undone else 0) and len(result.history) == steps
+    kept = max({0, 2, 4} - set(undone) - {s for s in (2, 4) if s > steps})
+    assert report["final"]["step"] == kept
+    assert same_weights(result.model, state) == (kept == 0)
+
+
+def test_a_run_that_ends_in_a_dip_ends_on_its_last_good_state(tok, original, heldout, monkeypatch):
+    """The budget ends the run right after a check that broke the guard: its steps are undone."""
+    data, state = original
+    forget, retain = data.partition(forget_indices(data, forget_class="tech"))
+    scripted_guard(monkeypatch, (True,))
+    monkeypatch.setattr(Calibrator, "out_of_time", lambda self, seconds, taken: taken >= 2)
+    cfg = UnlearnConfig(learning_rate=1e-4, budget=NO_TIME_LIMIT, steps=10, max_length=32, check_time_share=None)
+    result = DeepCUTUnlearner(model_from(state, data, tok), tok, cfg).unlearn(forget, retain, progress=False,
+                                                                              heldout=heldout)
+    report = result.calibration
+    assert report["stopped_because"] == "budget" and len(result.history) == 2
+    assert [(c["step"], bool(c.get("dip")), bool(c.get("undone"))) for c in report["checks"]] == \
+        [(0, False, False), (2, True, True)]
+    assert report["undone_checks"] == 1 and report["final"] == report["start"] and same_weights(result.model, state)
 
 
 def scripted_forget_accuracy(monkeypatch, values):
