@@ -201,11 +201,14 @@ def test_run_ends_on_the_check_nearest_its_target(tok, original, heldout, monkey
     assert not same_weights(result.model, model_from(state, data, tok).state_dict()) or ends_on == 0
 
 
-@pytest.mark.parametrize("share, check_steps, interval", [(1 / 3, 3.0, 6), (1 / 2, 3.0, 3), (1 / 3, 0.2, 2),
-                                                         (1 / 3, 30.0, 8), (None, 30.0, 2)])
-def test_checks_are_spaced_to_their_share_of_the_time(tok, original, heldout, share, check_steps, interval):
-    """A check that costs ``check_steps`` steps: checks come every ``interval`` steps, so that
-    they take at most ``share`` of the time (at least check_every, at most 4x it; None: every
+@pytest.mark.parametrize("share, check_steps, budget_steps, interval", [
+    (1 / 3, 3.0, 1e6, 6), (1 / 2, 3.0, 1e6, 3), (1 / 3, 0.2, 1e6, 2), (1 / 3, 30.0, 1e6, 8), (None, 30.0, 1e6, 2),
+    (1 / 3, 3.0, 15, 4), (1 / 3, 3.0, 8, 2)])
+def test_checks_are_spaced_to_their_share_of_the_time(tok, original, heldout, share, check_steps, budget_steps,
+                                                      interval):
+    """A check that costs ``check_steps`` steps, a budget of ``budget_steps`` steps: checks come
+    every ``interval`` steps, so that they take at most ``share`` of the time, but two checks
+    and their intervals fit in the budget (at least check_every, at most 4x it; None: every
     check_every)."""
     data, state = original
     forget, retain = data.partition(forget_indices(data, forget_class="tech"))
@@ -214,11 +217,12 @@ def test_checks_are_spaced_to_their_share_of_the_time(tok, original, heldout, sh
     calibrator = Calibrator(tok, forget, retain, heldout, cfg, "class")
     optimizer = torch.optim.AdamW(model.parameters())
     calibrator.start_clock()
-    calibrator.begin(model, lambda: 1.0, 1, optimizer)
+    step_seconds = 10.0  # scripted: far more than the test's own time, which the budget counts too
+    calibrator.begin(model, lambda: budget_steps * step_seconds / cfg.budget, 1, optimizer)
     assert calibrator.state["check_estimate"] > 0  # timed on the start's predictions
-    calibrator.state["check_estimate"] = check_steps * 0.01  # scripted: steps of 0.01 s
+    calibrator.state["check_estimate"] = check_steps * step_seconds
     for step in range(1, 17):  # the model does not change: no check meets the target or breaks the guard
-        assert calibrator.after_step(step, model, optimizer, step_seconds=0.01) is None
+        assert calibrator.after_step(step, model, optimizer, step_seconds=step_seconds) is None
     assert [c["step"] for c in calibrator.state["checks"]] == list(range(0, 17, interval))
 
 
