@@ -226,6 +226,13 @@ def test_checks_are_spaced_to_their_share_of_the_time(tok, original, heldout, sh
     assert [c["step"] for c in calibrator.state["checks"]] == list(range(0, 17, interval))
 
 
+@pytest.mark.parametrize("given, kind, bound", [(None, "mislabelled", 0.10), (None, "class", 0.05), (None, "sample", 0.05),
+                                                (0.02, "mislabelled", 0.02)])
+def test_guard_recall_bound_is_the_requests_unless_given(given, kind, bound):
+    """Mislabelled samples get the wider recall bound; a bound the caller gives is kept."""
+    assert UnlearnConfig(guard_recall_drop=given).for_request(kind).guard_recall_drop == bound
+
+
 def test_time_budget_ends_the_run(tok, original, heldout):
     data, state = original
     forget, retain = data.partition(forget_indices(data, forget_class="tech"))

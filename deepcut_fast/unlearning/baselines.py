@@ -21,7 +21,8 @@ from deepcut_fast.unlearning.unlearner import (DeepCUTUnlearner, UnlearnResult, 
 def _calibrator(tokenizer, forget, retain, heldout, config):
     if not config.calibrate:
         return None
-    return Calibrator(tokenizer, forget, retain, heldout, config, request_kind(config.request, forget, retain))
+    kind = request_kind(config.request, forget, retain)
+    return Calibrator(tokenizer, forget, retain, heldout, config.for_request(kind), kind)  # the request's guard
 
 
 def _ce(model, inputs, labels, rows):

@@ -22,15 +22,15 @@ below its value before the first step, nor any remaining class's recall more tha
 change must pass its bound by more than one standard error of the paired change (samples lost
 and gained since the start), so that noise does not stop a run. A check that breaks the guard
 gets one more check interval to recover (the retain cross-entropy repairs a passing dip: on BBC
-News, 10% mislabelled, seed 0, every method's first check broke the guard and was undone, ending
-every run as the original); if the next check breaks it too, or none follows, the steps since
-the last good check are undone and the learning rate halved; the third time, the run stops. The
-run also stops when the target is met, or when its time (checks included) would pass ``budget``
-times the estimated time of one epoch of retraining on the retain set (a step of cross-entropy
-on a retain batch, timed after the start's predictions, times the batches in the retain set);
-the first step runs whatever the budget (on the 2016 debates, 14 retraining steps an epoch, the
-probe and the start's predictions leave no room for one). The report splits the run's time into
-that probe, the checks and the steps (``seconds_split``).
+News, whole class, seed 0, the other classes' held-out accuracy was 6 points down at step 2 and
+back at step 4, the target met); if the next check breaks it too, or none follows, the steps
+since the last good check are undone and the learning rate halved; the third time, the run
+stops. The run also stops when the target is met, or when its time (checks included) would pass
+``budget`` times the estimated time of one epoch of retraining on the retain set (a step of
+cross-entropy on a retain batch, timed after the start's predictions, times the batches in the
+retain set); the first step runs whatever the budget (on the 2016 debates, 14 retraining steps
+an epoch, the probe and the start's predictions leave no room for one). The report splits the
+run's time into that probe, the checks and the steps (``seconds_split``).
 
 A run never ends further from its target than it started: it ends on the guarded state (the
 start included) that came nearest the target, the sum of the figures' excesses over their
@@ -59,10 +59,15 @@ REQUESTS = ("auto", "class", "sample", "mislabelled")
 # whole classes and mislabelled samples take the full pull with one view at a high rate (a whole
 # class on mean-pooled tokens); a sample-level request is close to held-out data already and
 # takes a gentle pull.
+# The guard's bound on a class's recall is wider for mislabelled samples: taking their wrong
+# labels away moves per-class recall from the mislabelled model's toward a retrained one's (BBC
+# News, 10% mislabelled, seed 0: held-out accuracy 92.5 -> 94.8% at the second check, a class's
+# recall down by more than 5 points; with 10 the run kept that check and ended at 34% of the
+# wrong labels from 92%, distance 0.100, where the 5-point bound ended it as the original).
 REQUEST_SETTINGS = {
-    "class": dict(gamma=1.0, views=1, learning_rate=2e-4, embedding="mean"),
-    "mislabelled": dict(gamma=1.0, views=1, learning_rate=2e-4, embedding="auto"),
-    "sample": dict(gamma=0.3, views=2, learning_rate=5e-5, embedding="auto"),
+    "class": dict(gamma=1.0, views=1, learning_rate=2e-4, embedding="mean", guard_recall_drop=0.05),
+    "mislabelled": dict(gamma=1.0, views=1, learning_rate=2e-4, embedding="auto", guard_recall_drop=0.10),
+    "sample": dict(gamma=0.3, views=2, learning_rate=5e-5, embedding="auto", guard_recall_drop=0.05),
 }
 CLASS_TARGET = 0.02
 SAMPLE_STEPS_WITHOUT_HELDOUT = 8
@@ -304,7 +309,7 @@ class Calibrator:
             return
         step_seconds = max(step_seconds, 1e-9)
         by_share = math.ceil(check * (1 - share) / share / step_seconds - 1e-9)  # 1e-9: float error
-        # BBC News, 10% mislabelled, seed 0: checked every 4 steps, the run's only check was a dip
+        # two checks must fit, so that a dip is checked again
         left = self.config.budget * self.state["epoch_seconds"] - self.elapsed() - 2 * check
         by_budget = math.floor(left / step_seconds / 2)
         self.state["interval"] = max(every, min(by_share, by_budget, MAX_INTERVAL_FACTOR * every))

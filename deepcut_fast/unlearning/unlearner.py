@@ -76,7 +76,7 @@ class UnlearnConfig:
     # a fifth of a 2-epoch retraining, leaving room for the error of the estimate under 25%
     budget: float = 0.4
     guard_accuracy_drop: float = 0.01  # calibrated runs: the utility guard (calibration module)
-    guard_recall_drop: float = 0.05
+    guard_recall_drop: Optional[float] = None  # None: the request's (5 points; mislabelled 10)
     heldout_sample: Optional[int] = 256  # held-out (or retain) rows each check predicts
     # fixed stopping rule (calibrate=False): stop once accuracy on the forget set (its training
     # labels) is at most this, checked every `check_every` steps; None: run all steps.
@@ -129,7 +129,7 @@ class UnlearnConfig:
         if self.check_time_share is not None and not 0 < self.check_time_share < 1:
             fail("check_time_share", "must be a fraction between 0 and 1 (exclusive) or None")
         for name in ("guard_accuracy_drop", "guard_recall_drop"):
-            if not 0 <= getattr(self, name) <= 1:
+            if getattr(self, name) is not None and not 0 <= getattr(self, name) <= 1:
                 fail(name, "must be a fraction between 0 and 1")
         if self.stop_forget_accuracy is not None and not 0 <= self.stop_forget_accuracy <= 1:
             fail("stop_forget_accuracy", "must be a fraction between 0 and 1")
