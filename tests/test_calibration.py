@@ -120,19 +120,19 @@ def test_steps_that_break_the_guard_are_undone(tok, original, heldout):
     assert report["final"] == report["start"]
 
 
-def scripted_guard(monkeypatch, breaks):
-    """Checks measure the model as usual, but the guard reads as broken (every held-out sample
-    the model got right at the start lost) or intact (none lost) by ``breaks``, in turn, and the
-    forget accuracy falls by 0.1 a check (each check nearer the target than the ones before)."""
-    measure, script, start = MEASURE, iter(breaks), []
+def scripted_checks(monkeypatch, forget_accuracies, breaks=None):
+    """Checks measure the model as usual, but read these forget accuracies in turn (the start's
+    first) and, given ``breaks``, a guard broken (every held-out sample the model got right at
+    the start lost) or intact (none lost) in turn after the start."""
+    measure, accuracies, script, start = MEASURE, iter(forget_accuracies), iter(breaks or ()), []
 
     def scripted(self, model, *made):
-        figures = measure(self, model, *made)
-        if not start:
-            start.append(figures["guard_correct"].copy())
-        else:
-            figures["guard_correct"] = np.zeros_like(start[0]) if next(script) else start[0].copy()
-        figures["forget_accuracy"] = 0.9 - 0.1 * len(self.state["checks"])
+        figures = dict(measure(self, model, *made), forget_accuracy=next(accuracies))
+        if breaks is not None:
+            if not start:
+                start.append(figures["guard_correct"].copy())
+            else:
+                figures["guard_correct"] = np.zeros_like(start[0]) if next(script) else start[0].copy()
         return figures
     monkeypatch.setattr(Calibrator, "measure", scripted)
 
@@ -143,7 +143,7 @@ def test_a_dip_in_the_guard_gets_one_interval_to_recover(tok, original, heldout,
     interval left to recover in) is undone at once."""
     data, state = original
     forget, retain = data.partition(forget_indices(data, forget_class="tech"))
-    scripted_guard(monkeypatch, breaks)
+    scripted_checks(monkeypatch, (0.9, 0.8, 0.7), breaks)  # each check nearer the target
     cfg = UnlearnConfig(learning_rate=1e-4, budget=NO_TIME_LIMIT, steps=steps, max_length=32, check_time_share=None)
     result = DeepCUTUnlearner(model_from(state, data, tok), tok, cfg).unlearn(forget, retain, progress=False,
                                                                               heldout=heldout)
@@ -159,7 +159,7 @@ def test_a_run_that_ends_in_a_dip_ends_on_its_last_good_state(tok, original, hel
     """The budget ends the run right after a check that broke the guard: its steps are undone."""
     data, state = original
     forget, retain = data.partition(forget_indices(data, forget_class="tech"))
-    scripted_guard(monkeypatch, (True,))
+    scripted_checks(monkeypatch, (0.9, 0.8), (True,))
     monkeypatch.setattr(Calibrator, "out_of_time", lambda self, seconds, taken: taken >= 2)
     cfg = UnlearnConfig(learning_rate=1e-4, budget=NO_TIME_LIMIT, steps=10, max_length=32, check_time_share=None)
     result = DeepCUTUnlearner(model_from(state, data, tok), tok, cfg).unlearn(forget, retain, progress=False,
@@ -171,13 +171,6 @@ def test_a_run_that_ends_in_a_dip_ends_on_its_last_good_state(tok, original, hel
     assert report["undone_checks"] == 1 and report["final"] == report["start"] and same_weights(result.model, state)
 
 
-def scripted_forget_accuracy(monkeypatch, values):
-    """Checks measure the model as usual (the guard), but read these forget accuracies in turn."""
-    measure, script = MEASURE, iter(values)
-    monkeypatch.setattr(Calibrator, "measure", lambda self, model, *made: dict(measure(self, model, *made),
-                                                                          forget_accuracy=next(script)))
-
-
 @pytest.mark.parametrize("script, steps, ends_on", [((0.9, 0.95, 0.97), 4, 0), ((0.9, 0.5, 0.7), 4, 2)])
 def test_run_ends_on_the_check_nearest_its_target(tok, original, heldout, monkeypatch, script, steps, ends_on):
     """Checks that pass the guard but move away from the target: the run rewinds to the nearest
@@ -186,7 +179,7 @@ def test_run_ends_on_the_check_nearest_its_target(tok, original, heldout, monkey
     forget, retain = data.partition(forget_indices(data, forget_class="tech"))
 
     def run(script, steps):
-        scripted_forget_accuracy(monkeypatch, script)
+        scripted_checks(monkeypatch, script)
         cfg = UnlearnConfig(learning_rate=1e-5, budget=NO_TIME_LIMIT, steps=steps, max_length=32, check_time_share=None)
         return DeepCUTUnlearner(model_from(state, data, tok), tok, cfg).unlearn(
             forget, retain, progress=False, heldout=heldout)

@@ -161,7 +161,7 @@ class Calibrator:
         self.retain_size = len(retain)
         self.state = dict(elapsed=0.0, undos=0, last_good=None, best=None, start=None, target=None,
                           epoch_seconds=None, checks=[], focus=None, probe_seconds=0.0, check_seconds=0.0,
-                          check_estimate=0.0, interval=None, dip=None)
+                          check_estimate=0.0, interval=None)
 
     # -- measuring ---------------------------------------------------------------------------
     def _predict(self, model, data):
@@ -334,11 +334,11 @@ class Calibrator:
         interval for them to recover, or undo them."""
         figures = self.measure(model)
         check = dict(step=step, **_flat(figures))
+        in_dip = self._in_dip()
         self.state["checks"].append(check)
         if self._guard_broken(figures):
-            if self.state["dip"] is None and not last:
+            if not in_dip and not last:
                 check["dip"] = True
-                self.state["dip"] = step
                 return None
             self._undo_since_last_good()
             self._restore(model, optimizer)
@@ -347,7 +347,6 @@ class Calibrator:
             for group in optimizer.param_groups:
                 group["lr"] *= 0.5
             return None
-        self.state["dip"] = None
         self._remember(model, optimizer, figures)
         if self._met(figures):
             return "target met"
@@ -361,7 +360,11 @@ class Calibrator:
             if check["step"] > self.state["last_good"]["step"]:
                 check["undone"] = True
         self.state["undos"] += 1
-        self.state["dip"] = None
+
+    def _in_dip(self):
+        """Whether the last check broke the guard and waits for the next to recover."""
+        last = self.state["checks"][-1]
+        return bool(last.get("dip") and not last.get("undone"))
 
     def finish(self, reason, model):
         """Undo a dip the run ended in, and rewind ``model`` to the guarded state nearest the
@@ -369,7 +372,7 @@ class Calibrator:
         stopped for ``reason``."""
         checks = self.state["checks"]
         best = self.state["best"]
-        dipped = self.state["dip"] is not None
+        dipped = self._in_dip()
         if dipped:
             self._undo_since_last_good()
         rewound = best is not None and best["step"] != self.state["last_good"]["step"]

@@ -90,28 +90,27 @@ def predict(model, tokenizer, data, batch_size=64, max_length=96, embedding=None
     device = next(model.parameters()).device
     kind = None if embedding is None or data.token_level else resolve_embedding(embedding, model, False)
     order = sorted(range(len(data)), key=lambda i: _text_length(data.texts[i]))
-    probs, labels, embeddings = [None] * len(data), [None] * len(data), []
+    probs, labels, embeddings = [], [], []  # in ``order``; put back in data's order at the end
     for start in range(0, len(data), batch_size):
         rows = order[start:start + batch_size]
         texts = [data.texts[i] for i in rows]
         if not data.token_level:
             inputs = encode(tokenizer, texts, max_length, device)
             outputs = model(**inputs, output_hidden_states=kind is not None)
-            for i, p in zip(rows, F.softmax(outputs.logits.float(), -1).cpu().numpy()):
-                probs[i] = p
+            probs.append(F.softmax(outputs.logits.float(), -1).cpu().numpy())
             if kind is not None:
                 embeddings.append(embed(model, outputs, inputs["attention_mask"], kind, layer).float().cpu().numpy())
             continue
         inputs, positions = encode_words(tokenizer, texts, max_length, device)
         batch_probs = F.softmax(model(**inputs).logits.float(), -1).cpu().numpy()
         for b, (i, first) in enumerate(zip(rows, positions)):
-            probs[i] = batch_probs[b, first]
-            labels[i] = np.asarray(data.labels[i][:len(first)], dtype=np.int64)
+            probs.append(batch_probs[b, first])
+            labels.append(np.asarray(data.labels[i][:len(first)], dtype=np.int64))
     model.train(was_training)
-    if data.token_level:
-        return TokenPredictions(labels, probs)
     restore = np.argsort(order)
-    return Predictions(np.asarray(data.labels), np.stack(probs) if probs else np.zeros((0, 0)),
+    if data.token_level:
+        return TokenPredictions([labels[j] for j in restore], [probs[j] for j in restore])
+    return Predictions(np.asarray(data.labels), np.concatenate(probs)[restore] if probs else np.zeros((0, 0)),
                        None if kind is None else np.concatenate(embeddings)[restore] if embeddings
                        else np.zeros((0, 0), np.float32))
 
