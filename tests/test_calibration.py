@@ -63,6 +63,34 @@ def test_class_request_stops_once_the_class_is_gone(tok, original, heldout):
     assert accuracy(model, tok, others) >= report["start"]["guard_accuracy"] - 0.01 - 1e-9
 
 
+@pytest.mark.parametrize("sample_forgotten", [True, False])
+def test_a_class_sample_that_meets_the_target_is_checked_on_the_whole_class(tok, original, heldout, monkeypatch,
+                                                                          sample_forgotten):
+    """The check's 8 of the class's 24 rows all lose their class while the other 16 keep it: the
+    check counts the whole class (16 of 24 right), not the sample's 0. A sample still far from
+    the target costs no more predictions."""
+    data, state = original
+    forget, retain = data.partition(forget_indices(data, forget_class="tech"))
+    model = model_from(state, data, tok)
+    calibrator = Calibrator(tok, forget, retain, heldout, UnlearnConfig(stop_sample=8, max_length=32), "class")
+    predicted = []
+
+    def predicted_rows(self, model, rows):
+        made = predict(model, tok, rows, max_length=32)
+        predicted.append(len(rows))
+        if rows is self.forget and sample_forgotten:
+            made.probs = np.roll(made.probs, 1, axis=1)  # every row now predicts another class
+        return made
+    monkeypatch.setattr(Calibrator, "_predict", predicted_rows)
+    figures = calibrator.measure(model)
+    assert len(forget) == 24 and accuracy(model, tok, forget) == 1.0
+    if sample_forgotten:
+        assert figures["forget_accuracy"] == pytest.approx(16 / 24)
+        assert sorted(predicted) == [8, 16, len(calibrator.guard)]
+    else:
+        assert figures["forget_accuracy"] == 1.0 and sorted(predicted) == [8, len(calibrator.guard)]
+
+
 def test_mislabelled_request_removes_the_wrong_labels(tok, heldout):
     clean = toy_corpus()
     rng = random.Random(0)

@@ -4,7 +4,8 @@ forget set would show on it, and when a run has got there.
 A request is one of
 - ``class``: the forget set holds every training sample of one or more classes (they are absent
   from the retain set). A retrained model never predicts them: the target is that at most
-  ``CLASS_TARGET`` of the forget samples of those classes keep their class;
+  ``CLASS_TARGET`` of the forget samples of those classes keep their class (all of them: a check
+  whose sample meets it measures the class's other rows too);
 - ``mislabelled`` (said by the caller: noisy or poisoned labels cannot be told from the data):
   a retrained model gives a sample's wrong label about as often as it makes that particular
   mistake on held-out data, error / (classes - 1): the target is that share (plus one standard
@@ -151,6 +152,9 @@ class Calibrator:
             forget = forget.subset([i for i, y in enumerate(forget.labels) if y in absent])
         self.forget_positions = fixed_positions(len(forget), config.stop_sample, config.seed)
         self.forget = forget if self.forget_positions is None else forget.subset(self.forget_positions)
+        # a class's rows outside the check's sample: measured too once the sample meets the target
+        self.class_rest = None if not absent or self.forget_positions is None else \
+            forget.subset(sorted(set(range(len(forget))) - set(self.forget_positions)))
         self.has_heldout = heldout is not None and len(heldout) > 0
         guard = heldout if self.has_heldout else retain
         if absent:  # the guard keeps the other classes; the forgotten ones are meant to go
@@ -172,7 +176,10 @@ class Calibrator:
         forget = self._predict(model, self.forget) if forget is None else forget
         guard = self._predict(model, self.guard) if guard is None else guard
         guard_metrics = classification_metrics(guard, self.label_names)
-        figures = dict(forget_accuracy=classification_metrics(forget, self.label_names)["accuracy"],
+        forget_accuracy = classification_metrics(forget, self.label_names)["accuracy"]
+        if self.class_rest is not None and forget_accuracy <= CLASS_TARGET:
+            forget_accuracy = self._whole_class_accuracy(model, forget)
+        figures = dict(forget_accuracy=forget_accuracy,
                        guard_accuracy=guard_metrics["accuracy"],
                        guard_recall={c: r for c, r in guard_metrics["recall"].items()
                                      if self.label_names.index(c) not in self.absent})
@@ -181,6 +188,15 @@ class Calibrator:
         if not self.guard.token_level:
             figures["guard_correct"] = guard.predicted == guard.labels
         return figures
+
+    def _whole_class_accuracy(self, model, sample):
+        """The forgotten classes' accuracy over all their training rows, from the check's
+        ``sample`` predictions and those of the rest: a class whose 128-row sample had none left
+        kept 2.2% of its rows (BBC News, whole class, seed 1), so the sample alone does not decide
+        that the target is met."""
+        rest = self._predict(model, self.class_rest)
+        correct = int((sample.predicted == sample.labels).sum()) + int((rest.predicted == rest.labels).sum())
+        return correct / (len(sample.labels) + len(rest.labels))
 
     def _target(self, start):
         n_forget, n_guard = len(self.forget), len(self.guard)
