@@ -85,10 +85,11 @@ def test_a_class_sample_that_meets_the_target_is_checked_on_the_whole_class(tok,
     figures = calibrator.measure(model)
     assert len(forget) == 24 and accuracy(model, tok, forget) == 1.0
     if sample_forgotten:
-        assert figures["forget_accuracy"] == pytest.approx(16 / 24)
+        assert figures["forget_accuracy"] == pytest.approx(16 / 24) and figures["forget_rows"] == 24
         assert sorted(predicted) == [8, 16, len(calibrator.guard)]
     else:
-        assert figures["forget_accuracy"] == 1.0 and sorted(predicted) == [8, len(calibrator.guard)]
+        assert figures["forget_accuracy"] == 1.0 and figures["forget_rows"] == 8
+        assert sorted(predicted) == [8, len(calibrator.guard)]
 
 
 def test_mislabelled_request_removes_the_wrong_labels(tok, heldout):

@@ -176,10 +176,11 @@ class Calibrator:
         forget = self._predict(model, self.forget) if forget is None else forget
         guard = self._predict(model, self.guard) if guard is None else guard
         guard_metrics = classification_metrics(guard, self.label_names)
-        forget_accuracy = classification_metrics(forget, self.label_names)["accuracy"]
+        forget_accuracy, forget_rows = classification_metrics(forget, self.label_names)["accuracy"], len(self.forget)
         if self.class_rest is not None and forget_accuracy <= CLASS_TARGET:
             forget_accuracy = self._whole_class_accuracy(model, forget)
-        figures = dict(forget_accuracy=forget_accuracy,
+            forget_rows += len(self.class_rest)
+        figures = dict(forget_accuracy=forget_accuracy, forget_rows=forget_rows,
                        guard_accuracy=guard_metrics["accuracy"],
                        guard_recall={c: r for c, r in guard_metrics["recall"].items()
                                      if self.label_names.index(c) not in self.absent})
