@@ -32,7 +32,7 @@ from deepcut_fast.testing import synthetic_batch
 from deepcut_fast.unlearning.data import CORPORA
 from deepcut_fast.unlearning.demo import SCENARIOS, DemoOptions
 from deepcut_fast.unlearning.model import EMBEDDINGS
-from deepcut_fast.unlearning.calibration import REQUEST_SETTINGS, REQUESTS
+from deepcut_fast.unlearning.calibration import CHECK_PRECISIONS, REQUEST_SETTINGS, REQUESTS
 from deepcut_fast.unlearning.unlearner import CHECKPOINT_EVERY, PRECISIONS, ConfigError, UnlearnConfig
 
 DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
@@ -240,6 +240,9 @@ CONFIG_OPTIONS = {
     "queue_size": ("--queue-size", int, "queue of recent retain embeddings (0: none)"),
     "seed": ("--seed", int, "seed of the batches and dropout"),
     "precision": ("--precision", tuple(PRECISIONS), "forward passes in fp32, or autocast to bf16 / fp16"),
+    "check_precision": ("--check-precision", CHECK_PRECISIONS,
+                        "calibrated runs: the checks' predictions; auto: bf16 where the device computes it natively, "
+                        "else --precision"),
     "gradient_checkpointing": ("--gradient-checkpointing", bool,
                                "recompute activations in the backward: less memory, more time"),
 }

@@ -6,14 +6,15 @@ import numpy as np
 import pytest
 import torch
 
-from deepcut_fast.unlearning.calibration import (SAMPLE_STEPS_WITHOUT_HELDOUT, Calibrator, fixed_sample, probe_seconds,
-                                                  request_kind, sample_focus)
+from deepcut_fast.unlearning.calibration import (SAMPLE_STEPS_WITHOUT_HELDOUT, Calibrator, check_dtype, fixed_sample,
+                                                  probe_seconds, request_kind, sample_focus)
 from deepcut_fast.unlearning.evaluation import loss_mia_auc, predict
 from deepcut_fast.unlearning.data import TextDataset, forget_indices
 from deepcut_fast.unlearning.unlearner import Checkpoint, DeepCUTUnlearner, UnlearnConfig, accuracy
 from tiny_models import fine_tune, interrupted_at, tiny_bert, toy_corpus  # fixtures tok, original: conftest
 
 NO_TIME_LIMIT = 1e6  # retraining epochs: the budget never ends these runs
+EXACT = "fp32"  # checks predict as ``accuracy`` and ``predict`` do, on every machine (a test compares them)
 MEASURE = Calibrator.measure
 
 
@@ -52,7 +53,7 @@ def test_class_request_stops_once_the_class_is_gone(tok, original, heldout):
     forget, retain = data.partition(forget_indices(data, forget_class="tech"))
     model = model_from(state, data, tok)
     assert accuracy(model, tok, forget) == 1.0
-    cfg = UnlearnConfig(learning_rate=2e-3, budget=NO_TIME_LIMIT, steps=60, max_length=32)
+    cfg = UnlearnConfig(learning_rate=2e-3, budget=NO_TIME_LIMIT, steps=60, max_length=32, check_precision=EXACT)
     result = DeepCUTUnlearner(model, tok, cfg).unlearn(forget, retain, progress=False, heldout=heldout)
     report = result.calibration
     assert (report["request"], report["met"], report["stopped_because"]) == ("class", True, "target met")
@@ -105,7 +106,7 @@ def test_mislabelled_request_removes_the_wrong_labels(tok, heldout):
     assert accuracy(model, tok, forget) >= 0.75  # the wrong labels were learnt
     # the toy model's recall of a class moves by several samples as the wrong labels go: a looser guard
     cfg = UnlearnConfig(request="mislabelled", learning_rate=2e-3, budget=NO_TIME_LIMIT, steps=80, max_length=32,
-                        guard_accuracy_drop=0.05, guard_recall_drop=0.2)
+                        guard_accuracy_drop=0.05, guard_recall_drop=0.2, check_precision=EXACT)
     result = DeepCUTUnlearner(model, tok, cfg).unlearn(forget, retain, progress=False, heldout=heldout)
     report = result.calibration
     assert (report["request"], report["met"]) == ("mislabelled", True)
@@ -283,7 +284,7 @@ def test_sample_request_focus_and_start_come_from_one_prediction(tok, original, 
     classes = len(heldout.label_names)
     hard = TextDataset(heldout.ids, heldout.texts, [(y + 1) % classes if i % 3 == 0 else y
                                                     for i, y in enumerate(heldout.labels)], heldout.label_names)
-    cfg = UnlearnConfig(max_length=32, stop_sample=10).for_request("sample")
+    cfg = UnlearnConfig(max_length=32, stop_sample=10, check_precision=EXACT).for_request("sample")
     calibrator = Calibrator(tok, forget, retain, hard, cfg, "sample")
     calibrator.start_clock()
     calibrator.begin(model, lambda: 1.0, 1, torch.optim.AdamW(model.parameters()))
@@ -353,3 +354,34 @@ def test_sample_focus_takes_the_accuracy_excess_else_the_membership_excess():
     assert sample_focus(correct, losses, 0.6, heldout) == [1, 9]  # an accuracy excess comes first
     assert sample_focus(correct, losses, 0.9, heldout) == [0, 4]  # accuracy at target: membership alone
     assert sample_focus(correct, losses, 0.9, np.array([0.001, 0.002])) == []  # nothing below the median
+
+
+@pytest.mark.parametrize("avx512_bf16, amx, run_precision, picked", [
+    (True, False, "fp32", torch.bfloat16), (False, True, "fp32", torch.bfloat16),
+    (False, False, "fp32", None), (False, False, "fp16", torch.float16)])
+def test_auto_check_precision_is_bf16_only_where_the_cpu_computes_it(monkeypatch, avx512_bf16, amx, run_precision,
+                                                                      picked):
+    monkeypatch.setattr(torch.cpu, "_is_avx512_bf16_supported", lambda: avx512_bf16, raising=False)
+    monkeypatch.setattr(torch.cpu, "_is_amx_tile_supported", lambda: amx, raising=False)
+    assert check_dtype("auto", run_precision, torch.device("cpu")) == picked
+    assert check_dtype("fp32", "bf16", torch.device("cpu")) is None  # said outright, whatever the hardware
+    assert check_dtype("bf16", "fp32", torch.device("cpu")) == torch.bfloat16
+
+
+@pytest.mark.parametrize("check_precision, dtype", [("bf16", torch.bfloat16), ("fp32", None)])
+def test_checks_measure_in_their_precision(tok, original, heldout, check_precision, dtype):
+    """A check's figures are those of predictions under its autocast, and in bf16 within a
+    sample and 0.02 of the fp32 ones (the tiny model's 24 forget rows)."""
+    data, state = original
+    forget, retain = data.partition(random_forget(data))
+    model = model_from(state, data, tok)
+    cfg = UnlearnConfig(max_length=32, check_precision=check_precision).for_request("sample")
+    calibrator = Calibrator(tok, forget, retain, heldout, cfg, "sample")
+    figures = calibrator.measure(model)
+    with torch.autocast("cpu", dtype=dtype or torch.float32, enabled=dtype is not None):
+        made = [predict(model, tok, d, max_length=32) for d in (calibrator.forget, calibrator.guard)]
+    exact = [predict(model, tok, d, max_length=32) for d in (calibrator.forget, calibrator.guard)]
+    assert figures["forget_accuracy"] == np.mean(made[0].predicted == made[0].labels)
+    assert figures["mia_auc"] == loss_mia_auc(*made)
+    assert abs(figures["forget_accuracy"] - np.mean(exact[0].predicted == exact[0].labels)) <= 1 / len(forget)
+    assert figures["mia_auc"] == pytest.approx(loss_mia_auc(*exact), abs=0.02)

@@ -12,6 +12,7 @@ from deepcut_fast.unlearning.data import is_word_lists
 # "auto": token for token classification, last for decoder-only models, cls otherwise
 EMBEDDINGS = ("auto", "cls", "mean", "pooler", "last", "token")
 ADAPTER_CONFIG = "adapter_config.json"
+PRECISIONS = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
 
 
 def transformers_model(model):
