@@ -13,6 +13,7 @@ standard deviation over seeds of every figure, and each target as met or missed.
 """
 import argparse
 import json
+import subprocess
 from pathlib import Path
 
 import numpy as np
@@ -23,6 +24,19 @@ from deepcut_fast.unlearning.demo import METHOD_ORDER, SCENARIOS, DemoOptions, r
 from deepcut_fast.unlearning.files import atomic_write, atomic_write_json
 
 BASELINES = tuple(m for m in METHODS_COMPARED if m != "deepcut")
+
+
+def code_version():
+    """The commit the code is at, "-modified" when the package or the benchmark scripts differ
+    from it; None outside a git checkout. Each report records it, so a table says which code
+    made its figures."""
+    try:
+        commit = subprocess.run(["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True,
+                                check=True).stdout.strip()
+        changed = subprocess.run(["git", "diff", "--quiet", "HEAD", "--", "deepcut_fast", "benchmarks/*.py"]).returncode
+    except (OSError, subprocess.CalledProcessError):
+        return None
+    return commit + ("-modified" if changed else "")
 
 
 def aggregate(reports):
@@ -76,6 +90,7 @@ def markdown(study):
         stats = entry["aggregate"]
         keys = [k for k in stats["deepcut"] if k not in ("forget_accuracy", "retain_accuracy", "test_accuracy")]
         lines += [f"## {corpus}, scenario `{scenario}` (seeds {entry['seeds']}; mean ± sd over seeds)", "",
+                  f"Code: {', '.join(entry['code_versions'])}.", "",
                   "| method | " + " | ".join(keys) + " |", "|---" * (len(keys) + 1) + "|"]
         for method, row in stats.items():
             lines.append(f"| {method} | " + " | ".join(
@@ -122,11 +137,14 @@ def main(argv=None):
             elif (run_dir / "report.json").exists() and not args.rerun:
                 reports.append(json.loads((run_dir / "report.json").read_text()))
             else:
-                reports.append(run_demo(opts, run_dir, progress=False, cache=cache))
+                reports.append(dict(run_demo(opts, run_dir, progress=False, cache=cache), code_version=code_version()))
+                write_report(run_dir, reports[-1], report_title(reports[-1]))
             print(f"done: {corpus} {scenario} seed {seed}", flush=True)
         if reports:
             seeds = [r["options"]["seed"] for r in reports]
-            study[f"{corpus}/{scenario}"] = dict(seeds=seeds, aggregate=aggregate(reports), targets=targets(scenario, reports))
+            versions = sorted({r.get("code_version") or "not recorded" for r in reports})
+            study[f"{corpus}/{scenario}"] = dict(seeds=seeds, code_versions=versions, aggregate=aggregate(reports),
+                                                 targets=targets(scenario, reports))
     if study:
         atomic_write_json(out / "study.json", study)
         atomic_write(out / "study.md", lambda f: f.write(markdown(study).encode()))

@@ -167,38 +167,75 @@ def scripted_checks(monkeypatch, forget_accuracies, breaks=None):
     monkeypatch.setattr(Calibrator, "measure", scripted)
 
 
-@pytest.mark.parametrize("breaks, steps, undone", [((True, False), 4, []), ((True,), 2, [2]), ((False, True), 4, [4])])
+@pytest.mark.parametrize("breaks, steps, undone", [((True, False), 4, []), ((True, True), 2, [2, 2]),
+                                                   ((False, True, True), 4, [4, 4])])
 def test_a_dip_in_the_guard_gets_one_interval_to_recover(tok, original, heldout, monkeypatch, breaks, steps, undone):
     """A broken guard followed by an intact one keeps every step; a break at the last check (no
-    interval left to recover in) is undone at once."""
+    interval left to recover in) is undone at once when the point halfway back breaks it too."""
     data, state = original
     forget, retain = data.partition(forget_indices(data, forget_class="tech"))
-    scripted_checks(monkeypatch, (0.9, 0.8, 0.7), breaks)  # each check nearer the target
+    scripted_checks(monkeypatch, (0.9, 0.8, 0.7, 0.6), breaks)  # each check nearer the target
     cfg = UnlearnConfig(learning_rate=1e-4, budget=NO_TIME_LIMIT, steps=steps, max_length=32, check_time_share=None)
     result = DeepCUTUnlearner(model_from(state, data, tok), tok, cfg).unlearn(forget, retain, progress=False,
                                                                               heldout=heldout)
     report = result.calibration
     assert [c["step"] for c in report["checks"] if c.get("undone")] == undone
+    assert [c["step"] for c in report["checks"] if c.get("halfway")] == undone[1:]
     assert report["undone_checks"] == (1 if undone else 0) and len(result.history) == steps
     kept = max({0, 2, 4} - set(undone) - {s for s in (2, 4) if s > steps})
     assert report["final"]["step"] == kept
     assert same_weights(result.model, state) == (kept == 0)
 
 
-def test_a_run_that_ends_in_a_dip_ends_on_its_last_good_state(tok, original, heldout, monkeypatch):
-    """The budget ends the run right after a check that broke the guard: its steps are undone."""
+def run_two_steps(tok, original, heldout, monkeypatch, breaks, budget=NO_TIME_LIMIT, stop_after=None):
+    """A class request's run of two steps (the budget ends it after ``stop_after`` steps when
+    given) whose checks read ``breaks``; (result, its report)."""
     data, state = original
     forget, retain = data.partition(forget_indices(data, forget_class="tech"))
-    scripted_checks(monkeypatch, (0.9, 0.8), (True,))
-    monkeypatch.setattr(Calibrator, "out_of_time", lambda self, seconds, taken: taken >= 2)
-    cfg = UnlearnConfig(learning_rate=1e-4, budget=NO_TIME_LIMIT, steps=10, max_length=32, check_time_share=None)
+    scripted_checks(monkeypatch, (0.9, 0.8, 0.7), breaks)
+    if stop_after is not None:
+        monkeypatch.setattr(Calibrator, "out_of_time", lambda self, seconds, taken: taken >= stop_after)
+    cfg = UnlearnConfig(learning_rate=1e-4, budget=budget, steps=2 if stop_after is None else 10, max_length=32,
+                        check_time_share=None)
     result = DeepCUTUnlearner(model_from(state, data, tok), tok, cfg).unlearn(forget, retain, progress=False,
                                                                               heldout=heldout)
-    report = result.calibration
+    return result, result.calibration
+
+
+@pytest.mark.parametrize("stop_after", [None, 2])
+def test_a_last_check_that_breaks_the_guard_keeps_the_point_halfway_back_if_it_passes(tok, original, heldout,
+                                                                                     monkeypatch, stop_after):
+    """The last check (the step limit's, or a dip the budget ends the run in) breaks the guard,
+    the point halfway between it and the start passes: the run ends there, with the mean of the
+    two states' weights."""
+    data, state = original
+    result, report = run_two_steps(tok, original, heldout, monkeypatch, (True, False), stop_after=stop_after)
+    assert [(c["step"], bool(c.get("halfway")), bool(c.get("undone"))) for c in report["checks"]] == \
+        [(0, False, False), (2, False, True), (2, True, False)]
+    assert report["final"]["halfway"] and report["final"]["forget_accuracy"] == 0.7
+    two_steps = run_two_steps(tok, original, heldout, monkeypatch, (False,))[0].model.state_dict()
+    for name, p in result.model.named_parameters():
+        assert torch.allclose(p, (state[name] + two_steps[name]) / 2, atol=1e-6), name
+
+
+def test_a_run_that_ends_in_a_dip_ends_on_its_last_good_state(tok, original, heldout, monkeypatch):
+    """The budget ends the run right after a check that broke the guard, and the point halfway
+    back breaks it too: the steps are undone."""
+    data, state = original
+    result, report = run_two_steps(tok, original, heldout, monkeypatch, (True, True), stop_after=2)
     assert report["stopped_because"] == "budget" and len(result.history) == 2
     assert [(c["step"], bool(c.get("dip")), bool(c.get("undone"))) for c in report["checks"]] == \
-        [(0, False, False), (2, True, True)]
+        [(0, False, False), (2, True, True), (2, False, True)]
     assert report["undone_checks"] == 1 and report["final"] == report["start"] and same_weights(result.model, state)
+
+
+def test_no_halfway_check_past_the_budget(tok, original, heldout, monkeypatch):
+    """A budget spent by the first step leaves no room to measure the point halfway back."""
+    data, state = original
+    result, report = run_two_steps(tok, original, heldout, monkeypatch, (True,), budget=1e-9)
+    assert report["stopped_because"] == "budget" and len(result.history) == 1
+    assert [(c["step"], bool(c.get("undone"))) for c in report["checks"]] == [(0, False), (1, True)]
+    assert same_weights(result.model, state)
 
 
 @pytest.mark.parametrize("script, steps, ends_on", [((0.9, 0.95, 0.97), 4, 0), ((0.9, 0.5, 0.7), 4, 2)])

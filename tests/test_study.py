@@ -32,5 +32,7 @@ def test_class_targets():
     assert checks["distance to retrain (closest baseline)"] == (0.05, 0.1, True)
     assert checks["knn_forget gap to retrain (closest baseline)"] == (10.0, 40.0, True)
     assert checks["1 - CKA to retrain, forget set (closest baseline)"] == pytest.approx((0.1, 0.2, True))
-    assert "| forgotten-class recall, training docs (%) | 1.500 | 2.000 | yes |" in markdown(
-        {"bbc_news/class": dict(seeds=[0, 1], aggregate=aggregate([_report(20.0, 1.0)] * 2), targets=checks)})
+    table = markdown({"bbc_news/class": dict(seeds=[0, 1], code_versions=["1234abc", "5678def-modified"],
+                                             aggregate=aggregate([_report(20.0, 1.0)] * 2), targets=checks)})
+    assert "| forgotten-class recall, training docs (%) | 1.500 | 2.000 | yes |" in table
+    assert "Code: 1234abc, 5678def-modified." in table

@@ -491,9 +491,8 @@ def train_steps(model, tokenizer, forget: TextDataset, retain: TextDataset, conf
                                  extra=None if extra_state is None else extra_state.state_dict(),
                                  calibration=None if calibrator is None else calibrator.state_dict()))
     if calibrator is not None:
-        checked = calibrator.state["checks"][-1]["step"]
-        if stop_reason == "budget" and result.history and checked != result.history[-1]["step"]:
-            calibrator.after_step(result.history[-1]["step"], model, optimizer, last=True)  # undone if it broke the guard
+        if stop_reason == "budget" and result.history:
+            calibrator.conclude(result.history[-1]["step"], model, optimizer)
         result.stopped_early = stop_reason != "steps"
         result.calibration = calibrator.finish(stop_reason or "steps", model)
     model.eval()
