@@ -28,10 +28,11 @@ News, whole class, seed 0, the other classes' held-out accuracy was 6 points dow
 back at step 4, the target met); if the next check breaks it too, the steps since the last good
 check are undone and the learning rate halved; the third time, the run stops. When no step
 follows a check that breaks the guard, the point halfway back to the last good state is checked
-if the budget allows, and kept if it passes (``Calibrator._settle``). The run also stops when the target is met, or when its time (checks included) would pass
-``budget`` times the estimated time of one epoch of retraining on the retain set (a step of
-cross-entropy on a retain batch, timed after the start's predictions, times the batches in the
-retain set); the first step runs whatever the budget (on the 2016 debates, 14 retraining steps
+if the budget allows, and kept if it passes (``Calibrator._settle``). The run also stops when the
+target is met, or when its time (checks included) would pass ``budget`` times the estimated time
+of one epoch of retraining on the retain set (a step of cross-entropy on a retain batch, timed
+after the start's predictions, times the batches in the retain set); the first step runs
+whatever the budget (on the 2016 debates, 14 retraining steps
 an epoch, the probe and the start's predictions leave no room for one). The report splits the
 run's time into that probe, the checks and the steps (``seconds_split``).
 
