@@ -27,6 +27,7 @@ from deepcut_fast.unlearning.data import CORPORA
 from deepcut_fast.unlearning.demo import DemoOptions, train_models
 from deepcut_fast.unlearning.evaluation import loss_mia_auc, predict
 from deepcut_fast.unlearning.files import atomic_write_json
+from deepcut_fast.unlearning.model import autocast_to
 
 
 def timed_predictions(model, tokenizer, data, max_length, dtype):
@@ -34,7 +35,7 @@ def timed_predictions(model, tokenizer, data, max_length, dtype):
     seconds = []
     for _ in range(2):
         start = time.perf_counter()
-        with torch.autocast("cpu", dtype=dtype or torch.float32, enabled=dtype is not None):
+        with autocast_to("cpu", dtype):
             preds = predict(model, tokenizer, data, max_length=max_length)
         seconds.append(time.perf_counter() - start)
     return min(seconds), preds

@@ -137,8 +137,8 @@ def main(argv=None):
             elif (run_dir / "report.json").exists() and not args.rerun:
                 reports.append(json.loads((run_dir / "report.json").read_text()))
             else:
-                reports.append(dict(run_demo(opts, run_dir, progress=False, cache=cache), code_version=code_version()))
-                write_report(run_dir, reports[-1], report_title(reports[-1]))
+                reports.append(run_demo(opts, run_dir, progress=False, cache=cache,
+                                        extra=dict(code_version=code_version())))
             print(f"done: {corpus} {scenario} seed {seed}", flush=True)
         if reports:
             seeds = [r["options"]["seed"] for r in reports]

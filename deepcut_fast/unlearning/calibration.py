@@ -45,6 +45,7 @@ Without held-out data a sample-level target cannot be measured (members and non-
 be compared): the run takes the request's settings for ``SAMPLE_STEPS_WITHOUT_HELDOUT`` steps,
 guarded on the retain sample, and reports the target as not measured.
 """
+import contextlib
 import copy
 import math
 import time
@@ -56,7 +57,7 @@ import torch
 import torch.nn.functional as F
 
 from deepcut_fast.unlearning.evaluation import classification_metrics, loss_mia_auc, predict
-from deepcut_fast.unlearning.model import PRECISIONS, encode_labelled
+from deepcut_fast.unlearning.model import PRECISIONS, autocast_to, encode_labelled
 
 REQUESTS = ("auto", "class", "sample", "mislabelled")
 CHECK_PRECISIONS = ("auto",) + tuple(PRECISIONS)
@@ -197,8 +198,7 @@ class Calibrator:
     # -- measuring ---------------------------------------------------------------------------
     def _predict(self, model, data):
         device = next(model.parameters()).device
-        dtype = check_dtype(self.config.check_precision, self.config.precision, device)
-        with torch.autocast(device.type, dtype=dtype or torch.float32, enabled=dtype is not None):
+        with autocast_to(device.type, check_dtype(self.config.check_precision, self.config.precision, device)):
             return predict(model, self.tokenizer, data, max_length=self.config.max_length)
 
     def measure(self, model, forget=None, guard=None):
@@ -339,8 +339,12 @@ class Calibrator:
         however small the retain set (and so the budget) is: a run without one does nothing."""
         if steps_taken == 0:
             return False
-        budget = self.config.budget * self.state["epoch_seconds"]
-        return self.elapsed() + next_step_seconds + self.state["check_estimate"] > budget
+        return self.elapsed() + next_step_seconds + self.state["check_estimate"] > self._budget_seconds()
+
+    def _budget_seconds(self):
+        """The run's time limit: ``budget`` times the estimated retraining epoch (no limit when
+        no step was timed: the target was met at the start)."""
+        return self.config.budget * (self.state["epoch_seconds"] or math.inf)
 
     def interval(self):
         """Steps between checks: ``check_every``, or with ``check_time_share`` as many as make the
@@ -357,7 +361,7 @@ class Calibrator:
         step_seconds = max(step_seconds, 1e-9)
         by_share = math.ceil(check * (1 - share) / share / step_seconds - 1e-9)  # 1e-9: float error
         # two checks must fit, so that a dip is checked again
-        left = self.config.budget * self.state["epoch_seconds"] - self.elapsed() - 2 * check
+        left = self._budget_seconds() - self.elapsed() - 2 * check
         by_budget = math.floor(left / step_seconds / 2)
         self.state["interval"] = max(every, min(by_share, by_budget, MAX_INTERVAL_FACTOR * every))
 
@@ -370,9 +374,15 @@ class Calibrator:
         due = step >= SAMPLE_STEPS_WITHOUT_HELDOUT if not self.state["target"].measurable else step % self.interval() == 0
         if not (due or last):
             return None
+        with self._timed_as_check():
+            return self._check(step, model, optimizer, last)
+
+    @contextlib.contextmanager
+    def _timed_as_check(self):
+        """Count the time of the block among the checks' (``seconds_split``)."""
         measuring = time.perf_counter()
         try:
-            return self._check(step, model, optimizer, last)
+            yield
         finally:
             self.state["check_seconds"] += time.perf_counter() - measuring
 
@@ -409,9 +419,8 @@ class Calibrator:
         if self.state["checks"][-1]["step"] != step:
             self.after_step(step, model, optimizer, last=True)
         elif self._in_dip():
-            measuring = time.perf_counter()
-            self._settle(step, model, optimizer)
-            self.state["check_seconds"] += time.perf_counter() - measuring
+            with self._timed_as_check():
+                self._settle(step, model, optimizer)
 
     def _settle(self, step, model, optimizer):
         """The run ends on a check that broke the guard: its steps since the last good check are
@@ -420,8 +429,7 @@ class Calibrator:
         reason, "target met" or None). On the 2016 debates the budget holds one or two steps at
         the requests' rates, and undoing them left the original on 4 of 7 runs."""
         self._undo_since_last_good()
-        budget = self.config.budget * (self.state["epoch_seconds"] or math.inf)
-        if self.elapsed() + self.state["check_estimate"] <= budget:
+        if self.elapsed() + self.state["check_estimate"] <= self._budget_seconds():
             _load_params(model, self.state["last_good"], halfway=True)
             figures = self.measure(model)
             check = dict(step=step, halfway=True, **_flat(figures))

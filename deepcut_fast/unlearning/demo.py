@@ -204,10 +204,10 @@ def train_models(opts: DemoOptions, cache: Path, progress=False):
     return data, original_model, tokenizer, retrained
 
 
-def run_demo(opts: DemoOptions, out: Path, progress=True, cache: Path = None):
+def run_demo(opts: DemoOptions, out: Path, progress=True, cache: Path = None, extra=None):
     """Run every method (``compare.compare_methods``), write report.json / report.md /
-    report.png into ``out``; return the report. Trained models are cached in ``cache``
-    (default ``<out>/cache``)."""
+    report.png into ``out``; return the report (with the keys of ``extra`` added). Trained
+    models are cached in ``cache`` (default ``<out>/cache``)."""
     out.mkdir(parents=True, exist_ok=True)
     data, original_model, tokenizer, retrained = train_models(opts, out / "cache" if cache is None else cache, progress)
     true_labels = None
@@ -216,7 +216,7 @@ def run_demo(opts: DemoOptions, out: Path, progress=True, cache: Path = None):
     report = compare_methods(original_model, tokenizer, data, retrained, opts.unlearn, opts.recipe(),
                              true_labels=true_labels, progress=progress)
     report.update(options=dict(asdict(opts), unlearn=report["config"]),
-                  notes={k: len(v) for k, v in data["notes"].items()})
+                  notes={k: len(v) for k, v in data["notes"].items()}, **(extra or {}))
     write_report(out, report, report_title(report))
     return report
 

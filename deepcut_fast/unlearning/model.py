@@ -15,6 +15,11 @@ ADAPTER_CONFIG = "adapter_config.json"
 PRECISIONS = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
 
 
+def autocast_to(device_type, dtype):
+    """Autocast on ``device_type`` to ``dtype``; off for None or fp32."""
+    return torch.autocast(device_type, dtype=dtype or torch.float32, enabled=dtype not in (None, torch.float32))
+
+
 def transformers_model(model):
     """The transformers model inside DDP and PEFT wrappers (for its config, pooler, ...)."""
     model = getattr(model, "module", model)  # DistributedDataParallel

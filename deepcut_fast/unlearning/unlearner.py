@@ -23,8 +23,8 @@ from deepcut_fast.unlearning.calibration import (CHECK_PRECISIONS, REQUEST_SETTI
                                                   fixed_sample, probe_seconds, request_kind, steps_per_epoch)
 from deepcut_fast.unlearning.data import TextDataset
 from deepcut_fast.unlearning.files import atomic_write, fault_point
-from deepcut_fast.unlearning.model import (EMBEDDINGS, PRECISIONS, embed, encode_labelled, is_decoder_only,
-                                          resolve_embedding, set_activation_checkpointing)
+from deepcut_fast.unlearning.model import (EMBEDDINGS, PRECISIONS, autocast_to, embed, encode_labelled,
+                                          is_decoder_only, resolve_embedding, set_activation_checkpointing)
 
 
 def steps_for(epochs, size, batch_size):
@@ -463,7 +463,7 @@ def train_steps(model, tokenizer, forget: TextDataset, retain: TextDataset, conf
                                          [retain.labels[i] for i in r_idx], config.max_length, device)
         forget_mask = torch.arange(len(texts), device=device) < len(f_idx)
         optimizer.zero_grad(set_to_none=True)
-        with torch.autocast(device.type, dtype=PRECISIONS[config.precision], enabled=config.precision != "fp32"):
+        with autocast_to(device.type, PRECISIONS[config.precision]):
             loss, parts = step_loss(trained, inputs, labels, forget_mask)
         if loss.requires_grad:
             scaler.scale(loss).backward()
