@@ -35,6 +35,8 @@ from deepcut_fast.unlearning.job import run_unlearn_job
 from deepcut_fast.unlearning.model import load_classifier
 from deepcut_fast.unlearning.unlearner import UnlearnConfig
 
+from benchmarks.unlearning_study import code_version
+
 
 def requests_of(train, count, fraction, seed=0):
     """``count`` disjoint random sets of ``fraction`` of ``train`` (positions), fixed by ``seed``."""
@@ -97,7 +99,7 @@ def run_sequence(corpus, seed, out: Path, cache: Path, count, fraction):
             row.update(unlearned_earlier_acc=100 * accuracy_on(unlearned, tokenizer, earlier, opts.max_length),
                        retrained_earlier_acc=100 * accuracy_on(retrained, tokenizer, earlier, opts.max_length),
                        earlier_size=len(earlier))
-        row["retrain_seconds_same_run"] = timing["retrain_seconds_same_run"]
+        row.update(retrain_seconds_same_run=timing["retrain_seconds_same_run"], code_version=code_version())
         atomic_write_json(row_file, row)
         rows.append(row)
         previous = run
@@ -158,7 +160,7 @@ def markdown(study):
             lines.append(f"| {k} | {entry['forgotten'][int(k) - 1]} | {earlier} | {ms('new_request_acc_unlearned')} / "
                          f"{ms('new_request_acc_retrained')} / {ms('new_request_acc_original')} | {ms('test_f1_gap')} | "
                          f"{ms('distance_to_retrain', 3)} | {ms('time_ratio', 2)} | {ms('target_met', 2)} | {verdict} |")
-        lines.append("")
+        lines += ["", f"Code: {', '.join(entry['code_versions'])}.", ""]
     return "\n".join(lines)
 
 
@@ -184,7 +186,8 @@ def main(argv=None):
             write_chain(out / corpus / f"seed{seed}", records)  # the verified record, as evidence
         atomic_write_json(out / corpus / "sequences.json", dict(seeds=args.seeds, sequences=sequences))
         study[corpus] = dict(seeds=args.seeds, requests=args.requests, fraction=args.fraction,
-                             forgotten=[r["forgotten"] for r in sequences[0]], summary=summarise(sequences))
+                             forgotten=[r["forgotten"] for r in sequences[0]], summary=summarise(sequences),
+                             code_versions=sorted({str(r.get("code_version")) for seq in sequences for r in seq}))
         atomic_write_json(out / "study.json", study)
         atomic_write(out / "study.md", lambda f: f.write(markdown(study).encode()))
     print(markdown(study))
