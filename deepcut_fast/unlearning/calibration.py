@@ -32,9 +32,9 @@ if the budget allows, and kept if it passes (``Calibrator._settle``). The run al
 target is met, or when its time (checks included) would pass ``budget`` times the estimated time
 of one epoch of retraining on the retain set (a step of cross-entropy on a retain batch, timed
 after the start's predictions, times the batches in the retain set); the first step runs
-whatever the budget (on the 2016 debates, 14 retraining steps
-an epoch, the probe and the start's predictions leave no room for one). The report splits the
-run's time into that probe, the checks and the steps (``seconds_split``).
+whatever the budget (on the 2016 debates, 14 retraining steps an epoch, the probe and the start's
+predictions leave no room for one). The report splits the run's time into that probe, the
+checks and the steps (``seconds_split``).
 
 A run never ends further from its target than it started: it ends on the guarded state (the
 start included) that came nearest the target, the sum of the figures' excesses over their
