@@ -1,5 +1,6 @@
 """Every unlearning method runs with the same signature and moves the model the way it should."""
 import copy
+import time
 
 import pytest
 import torch
@@ -94,3 +95,31 @@ def test_gradient_ascent_stops_when_there_is_no_forget_sample(setup):
                                        UnlearnConfig(calibrate=False, steps=4, learning_rate=1e-3), progress=False)
     assert result.history == [] and not result.model.training
     assert torch.equal(next(result.model.parameters()), next(model.parameters()))
+
+
+def test_salun_counts_its_saliency_mask_in_the_budget(setup, monkeypatch):
+    """SalUn's mask is a pass over the whole forget set before its first step; a calibrated run
+    counts it in its time budget like the steps and checks, so every method gets the same time.
+    Here retraining is timed at 0.5 s an epoch (a 0.5 s budget at 1 epoch) and the mask takes
+    0.6 s: the run takes the one step that always runs, where without the mask the budget holds
+    several of the tiny model's steps."""
+    from deepcut_fast.unlearning import unlearner
+
+    tok, _, model, forget, retain = setup
+    epoch_steps = unlearner.steps_per_epoch(len(retain), UnlearnConfig().retain_batch_size)
+    monkeypatch.setattr(unlearner, "probe_seconds", lambda *args: 0.5 / epoch_steps)
+    real_mask = baselines.saliency_mask
+
+    def slow_mask(*args, **kwargs):
+        time.sleep(0.6)
+        return real_mask(*args, **kwargs)
+
+    cfg = UnlearnConfig(budget=1.0, learning_rate=1e-3, check_time_share=None)
+    unmasked = baselines.random_relabel(copy.deepcopy(model), tok, forget, retain, cfg, progress=False)
+    assert len(unmasked.history) > 1  # the budget holds more than the first step
+    monkeypatch.setattr(baselines, "saliency_mask", slow_mask)
+    result = baselines.salun(copy.deepcopy(model), tok, forget, retain, cfg, progress=False)
+    split = result.calibration["seconds_split"]
+    assert len(result.history) == 1 and result.calibration["stopped_because"] == "budget"
+    assert split["preparation"] >= 0.6
+    assert result.calibration["seconds"] == pytest.approx(sum(split.values()))

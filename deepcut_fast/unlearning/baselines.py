@@ -8,6 +8,7 @@ time budget, set from ``heldout`` (see the calibration module).
 fine-tuned original) and a training budget, and it learns the retain set from scratch.
 """
 import copy
+import time
 
 import torch
 import torch.nn.functional as F
@@ -18,11 +19,13 @@ from deepcut_fast.unlearning.unlearner import (DeepCUTUnlearner, UnlearnResult, 
                                               train_steps)
 
 
-def _calibrator(tokenizer, forget, retain, heldout, config):
+def _calibrator(tokenizer, forget, retain, heldout, config, preparation_seconds=0.0):
     if not config.calibrate:
         return None
     kind = request_kind(config.request, forget, retain)
-    return Calibrator(tokenizer, forget, retain, heldout, config.for_request(kind), kind)  # the request's guard
+    calibrator = Calibrator(tokenizer, forget, retain, heldout, config.for_request(kind), kind)  # the request's guard
+    calibrator.count_preparation(preparation_seconds)
+    return calibrator
 
 
 def _ce(model, inputs, labels, rows):
@@ -83,8 +86,11 @@ def gradient_difference(model, tokenizer, forget, retain, config, progress=True,
                        calibrator=_calibrator(tokenizer, forget, retain, heldout, config))
 
 
-def random_relabel(model, tokenizer, forget, retain, config, progress=True, heldout=None, desc="random relabel"):
-    """Train on the forget samples with random wrong labels, and on the retain set."""
+def random_relabel(model, tokenizer, forget, retain, config, progress=True, heldout=None, desc="random relabel",
+                   preparation_seconds=0.0):
+    """Train on the forget samples with random wrong labels, and on the retain set.
+    ``preparation_seconds``: the caller's time before the first step (SalUn's mask), which a
+    calibrated run counts in its budget."""
     generator = torch.Generator().manual_seed(config.seed)
     classes = transformers_model(model).config.num_labels
 
@@ -93,7 +99,7 @@ def random_relabel(model, tokenizer, forget, retain, config, progress=True, held
         return ce, {"ce": ce.detach()}
 
     return train_steps(model, tokenizer, forget, retain, config, step, progress=progress, desc=desc,
-                       calibrator=_calibrator(tokenizer, forget, retain, heldout, config))
+                       calibrator=_calibrator(tokenizer, forget, retain, heldout, config, preparation_seconds))
 
 
 def _wrong_labels(labels, forget_mask, classes, generator):
@@ -176,12 +182,15 @@ def saliency_mask(model, tokenizer, forget, config, batch_size=32):
 def salun(model, tokenizer, forget, retain, config, progress=True, heldout=None):
     """SalUn (Fan et al. 2024): random labels on the forget samples plus CE on the retain set, as
     ``random_relabel``, updating only the salient weights (``saliency_mask``): the other
-    weights' gradients are zeroed, so that only weight decay moves them."""
+    weights' gradients are zeroed, so that only weight decay moves them. A calibrated run counts
+    the mask's time in its budget: the mask is a pass over the whole forget set."""
+    started = time.perf_counter()
     masks = saliency_mask(model, tokenizer, forget, config)
     hooks = [p.register_hook(lambda grad, mask=masks[n]: grad * mask)
              for n, p in model.named_parameters() if n in masks]
     try:
-        return random_relabel(model, tokenizer, forget, retain, config, progress, heldout, desc="SalUn")
+        return random_relabel(model, tokenizer, forget, retain, config, progress, heldout, desc="SalUn",
+                              preparation_seconds=time.perf_counter() - started)
     finally:
         for hook in hooks:
             hook.remove()

@@ -33,8 +33,9 @@ target is met, or when its time (checks included) would pass ``budget`` times th
 of one epoch of retraining on the retain set (a step of cross-entropy on a retain batch, timed
 after the start's predictions, times the batches in the retain set); the first step runs
 whatever the budget (on the 2016 debates, 14 retraining steps an epoch, the probe and the start's
-predictions leave no room for one). The report splits the run's time into that probe, the
-checks and the steps (``seconds_split``).
+predictions leave no room for one). A method's work before its first step (SalUn's saliency
+mask) counts in the run's time too (``count_preparation``). The report splits the run's time
+into that preparation, the probe, the checks and the steps (``seconds_split``).
 
 A run never ends further from its target than it started: it ends on the guarded state (the
 start included) that came nearest the target, the sum of the figures' excesses over their
@@ -193,7 +194,7 @@ class Calibrator:
         self.retain_size = len(retain)
         self.state = dict(elapsed=0.0, undos=0, last_good=None, best=None, start=None, target=None,
                           epoch_seconds=None, checks=[], focus=None, probe_seconds=0.0, check_seconds=0.0,
-                          check_estimate=0.0, interval=None)
+                          check_estimate=0.0, interval=None, preparation_seconds=0.0)
 
     # -- measuring ---------------------------------------------------------------------------
     def _predict(self, model, data):
@@ -284,6 +285,12 @@ class Calibrator:
         return False
 
     # -- the run -----------------------------------------------------------------------------
+    def count_preparation(self, seconds):
+        """Time a method spent on this request before its first step (SalUn's saliency mask)
+        counts in the run's time, and so in its budget, as the steps and checks do."""
+        self.state["elapsed"] += seconds
+        self.state["preparation_seconds"] += seconds
+
     def start_clock(self):
         self._clock = time.perf_counter()
 
@@ -480,10 +487,13 @@ class Calibrator:
                     seconds_split=self._seconds_split(), checks=checks)
 
     def _seconds_split(self):
-        """Where the run's time went: timing the budget's probe, the checks (predictions, undone or
-        kept states; the start's included) and the rest (the steps)."""
+        """Where the run's time went: the method's preparation (``count_preparation``), timing the
+        budget's probe, the checks (predictions, undone or kept states; the start's included) and
+        the rest (the steps)."""
         probe, checks = self.state["probe_seconds"], self.state["check_seconds"]
-        return dict(budget_probe=probe, checks=checks, steps=self.state["elapsed"] - probe - checks)
+        preparation = self.state["preparation_seconds"]
+        return dict(preparation=preparation, budget_probe=probe, checks=checks,
+                    steps=self.state["elapsed"] - preparation - probe - checks)
 
     def _remember(self, model, optimizer, figures):
         """Keep the weights of a guarded check (the last good state, which an undo restores), as
