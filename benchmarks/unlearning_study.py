@@ -2,11 +2,12 @@
 
     python -m benchmarks.unlearning_study --out benchmarks/results/unlearning-study \
         --cache runs/study-cache [--corpora bbc_news rotten_tomatoes debates_2016] \
-        [--scenarios class noisy random] [--seeds 0 1 2] [--models-only | --aggregate-only | --rescore]
+        [--scenarios class noisy random] [--seeds 0 1 2] [--models-only | --aggregate-only | --rescore | --methods M ...]
 
 Each (corpus, scenario, seed) is one ``run_demo`` (the default, calibrated ``unlearn`` settings
 for DeepCUT and every baseline) into ``<out>/<corpus>/<scenario>-seed<seed>/``; a finished one
-is skipped on a rerun (``--rerun`` runs the methods again on the cached models). The forget set
+is skipped on a rerun (``--rerun`` runs the methods again on the cached models; ``--methods``
+only the ones named, into the existing reports). The forget set
 is the same for every seed (``data_seed`` 0): the seeds vary training only, so the spread is the
 training noise of one deletion request. ``study.json`` and ``study.md`` hold the mean and
 standard deviation over seeds of every figure, and each target as met or missed.
@@ -112,6 +113,9 @@ def main(argv=None):
     parser.add_argument("--seeds", nargs="+", type=int, default=[0, 1, 2])
     parser.add_argument("--models-only", action="store_true", help="train and cache the models, run no method")
     parser.add_argument("--rerun", action="store_true", help="run the methods again where a report exists")
+    parser.add_argument("--methods", nargs="+", choices=METHODS_COMPARED,
+                        help="run only these methods again (on the cached models) and put their rows into the "
+                             "existing reports, each timed against retraining in its own run")
     parser.add_argument("--aggregate-only", action="store_true",
                         help="run nothing: aggregate the reports that exist for the given seeds")
     parser.add_argument("--rescore", action="store_true",
@@ -134,15 +138,16 @@ def main(argv=None):
                 continue
             if args.models_only:
                 train_models(opts, cache)
-            elif (run_dir / "report.json").exists() and not args.rerun:
+            elif (run_dir / "report.json").exists() and not (args.rerun or args.methods):
                 reports.append(json.loads((run_dir / "report.json").read_text()))
             else:
                 reports.append(run_demo(opts, run_dir, progress=False, cache=cache,
-                                        extra=dict(code_version=code_version())))
+                                        extra=dict(code_version=code_version()), methods=args.methods))
             print(f"done: {corpus} {scenario} seed {seed}", flush=True)
         if reports:
             seeds = [r["options"]["seed"] for r in reports]
-            versions = sorted({r.get("code_version") or "not recorded" for r in reports})
+            versions = sorted({r.get("code_version") or "not recorded" for r in reports} |
+                              {f"{m}: {v.get('code_version')}" for r in reports for m, v in r.get("reruns", {}).items()})
             study[f"{corpus}/{scenario}"] = dict(seeds=seeds, code_versions=versions, aggregate=aggregate(reports),
                                                  targets=targets(scenario, reports))
     if study:

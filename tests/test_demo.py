@@ -52,6 +52,33 @@ def test_rerun_uses_the_cached_models(quick_run):
         assert again["summary"][name]["test_f1"] == pytest.approx(report["summary"][name]["test_f1"])
 
 
+def test_rerunning_some_methods_replaces_only_their_rows(quick_run, tmp_path):
+    """The study's --methods path: the named methods run again on the cached models and their
+    rows, each with the retraining timed in its own run, replace theirs in the report; every
+    other row and the report's own timing stay as they were."""
+    out, report = quick_run
+    (tmp_path / "report.json").write_text(json.dumps(report))
+    merged = run_demo(DemoOptions(quick=True), tmp_path, progress=False, cache=out / "cache", methods=["salun"],
+                      extra=dict(code_version="abc1234"))
+    stored = json.loads(json.dumps(report))
+    assert merged["timing"] == stored["timing"] and merged["reruns"] == {"salun": {"code_version": "abc1234"}}
+    for name in METHOD_ORDER:
+        if name != "salun":
+            assert merged["details"][name] == stored["details"][name], name
+            assert merged["summary"][name] == stored["summary"][name], name
+    rerun = merged["details"]["salun"]
+    assert rerun["timing"]["retrain_seconds_same_run"] != stored["timing"]["retrain_seconds_same_run"]
+    assert merged["summary"]["salun"]["time_ratio"] == \
+        pytest.approx(rerun["seconds"] / rerun["timing"]["retrain_seconds_same_run"])
+    assert json.loads((tmp_path / "report.json").read_text())["reruns"] == merged["reruns"]
+
+
+def test_rerunning_some_methods_needs_a_full_report(quick_run, tmp_path):
+    out, _ = quick_run
+    with pytest.raises(FileNotFoundError, match="report of a full run"):
+        run_demo(DemoOptions(quick=True), tmp_path, progress=False, cache=out / "cache", methods=["salun"])
+
+
 def test_cache_names_follow_the_training_data():
     """Forgetting another class must not reuse the retrained model of the first one; the
     original, trained on the same clean data, is shared."""

@@ -222,7 +222,9 @@ def compare_methods(original, tokenizer, sets, retrained, config: UnlearnConfig,
 def summary_row(row, gold, timing, minority):
     """The scalar figures of one model: headline, the test recall of the ``minority`` class, the
     request's own, representation (k-NN, CKA), relearning (mean accuracy over its curve, and its
-    gap to the retrained model's), time."""
+    gap to the retrained model's), time (against the retraining ``timing`` of the run that made
+    the row: the row's own ``timing`` when it was run again, ``merged_report``)."""
+    timing = row.get("timing", timing)
     out = dict(headline(row), minority_recall_test=100 * row["test"]["recall"].get(minority, float("nan")),
                **row["request"], steps=row["steps"], seconds=row["seconds"],
                time_ratio=row["seconds"] / timing["retrain_seconds_same_run"],
@@ -243,6 +245,18 @@ def rescored(report):
     gold, minority = report["details"]["retrain"], report["minority_class"]
     summary = {name: summary_row(row, gold, report["timing"], minority) for name, row in report["details"].items()}
     return dict(report, summary=summary)
+
+
+def merged_report(report, rerun, methods):
+    """``report`` with the rows of ``methods`` taken from ``rerun`` (the same request, models and
+    sets, those methods run again): each such row keeps the retraining timed in its own run
+    (``timing``), against which its time ratio is taken."""
+    if rerun["sizes"] != report["sizes"] or rerun["request"] != report["request"]:
+        raise ValueError("a rerun merges only into a report of the same request and sets")
+    details = dict(report["details"])
+    for name in methods:
+        details[name] = dict(rerun["details"][name], timing=rerun["timing"])
+    return rescored(dict(report, details=details))
 
 
 COLUMNS = [("forget_f1", "forget F1"), ("retain_f1", "retain F1"), ("test_f1", "test F1"),

@@ -25,7 +25,7 @@ from pathlib import Path
 import torch
 
 from deepcut_fast.unlearning.compare import (METHODS_COMPARED, REFERENCES, Recipe, cached_model, compare_methods, fit,
-                                             write_report)
+                                             merged_report, write_report)
 from deepcut_fast.unlearning.data import CORPORA, TextDataset, forget_indices, split
 from deepcut_fast.unlearning.model import load_base_encoder
 from deepcut_fast.unlearning.unlearner import UnlearnConfig, accuracy, steps_for
@@ -204,19 +204,34 @@ def train_models(opts: DemoOptions, cache: Path, progress=False):
     return data, original_model, tokenizer, retrained
 
 
-def run_demo(opts: DemoOptions, out: Path, progress=True, cache: Path = None, extra=None):
+def run_demo(opts: DemoOptions, out: Path, progress=True, cache: Path = None, extra=None, methods=None):
     """Run every method (``compare.compare_methods``), write report.json / report.md /
     report.png into ``out``; return the report (with the keys of ``extra`` added). Trained
-    models are cached in ``cache`` (default ``<out>/cache``)."""
+    models are cached in ``cache`` (default ``<out>/cache``). With ``methods``, only those run
+    again and their rows replace the ones of the report in ``out`` (``compare.merged_report``)."""
     out.mkdir(parents=True, exist_ok=True)
+    if methods is not None and not (out / "report.json").is_file():
+        raise FileNotFoundError(f"{out / 'report.json'}: rerunning some methods needs the report of a full run there")
     data, original_model, tokenizer, retrained = train_models(opts, out / "cache" if cache is None else cache, progress)
     true_labels = None
     if opts.scenario == "noisy":
         true_labels = [data["notes"]["true_labels"][i] for i in data["forget"].ids]
     report = compare_methods(original_model, tokenizer, data, retrained, opts.unlearn, opts.recipe(),
-                             true_labels=true_labels, progress=progress)
+                             **({} if methods is None else dict(methods=tuple(methods))), true_labels=true_labels,
+                             progress=progress)
+    if methods is not None:
+        return _merge_into(out, report, methods, extra)
     report.update(options=dict(asdict(opts), unlearn=report["config"]),
                   notes={k: len(v) for k, v in data["notes"].items()}, **(extra or {}))
+    write_report(out, report, report_title(report))
+    return report
+
+
+def _merge_into(out, rerun, methods, extra):
+    """The report in ``out`` with the rerun's ``methods`` merged in (``extra``: per method,
+    under ``reruns``), written back."""
+    report = merged_report(json.loads((out / "report.json").read_text()), rerun, methods)
+    report["reruns"] = dict(report.get("reruns", {}), **{m: dict(extra or {}) for m in methods})
     write_report(out, report, report_title(report))
     return report
 
