@@ -138,6 +138,9 @@ def main(argv=None):
                 continue
             if args.models_only:
                 train_models(opts, cache)
+            elif args.methods and not (run_dir / "report.json").exists():
+                print(f"skipped: {corpus} {scenario} seed {seed} has no report to rerun methods in", flush=True)
+                continue
             elif (run_dir / "report.json").exists() and not (args.rerun or args.methods):
                 reports.append(json.loads((run_dir / "report.json").read_text()))
             else:
