@@ -100,18 +100,18 @@ def test_gradient_ascent_stops_when_there_is_no_forget_sample(setup):
 def test_salun_counts_its_saliency_mask_in_the_budget(setup, monkeypatch):
     """SalUn's mask is a pass over the whole forget set before its first step; a calibrated run
     counts it in its time budget like the steps and checks, so every method gets the same time.
-    Here retraining is timed at 0.5 s an epoch (a 0.5 s budget at 1 epoch) and the mask takes
-    0.6 s: the run takes the one step that always runs, where without the mask the budget holds
-    several of the tiny model's steps."""
+    Here retraining is timed at 3 s an epoch (a 3 s budget at 1 epoch) and the mask takes 3.2 s:
+    the run takes the one step that always runs, where without the mask the budget holds several
+    of the tiny model's steps."""
     from deepcut_fast.unlearning import unlearner
 
     tok, _, model, forget, retain = setup
     epoch_steps = unlearner.steps_per_epoch(len(retain), UnlearnConfig().retain_batch_size)
-    monkeypatch.setattr(unlearner, "probe_seconds", lambda *args: 0.5 / epoch_steps)
+    monkeypatch.setattr(unlearner, "probe_seconds", lambda *args: 3.0 / epoch_steps)
     real_mask = baselines.saliency_mask
 
     def slow_mask(*args, **kwargs):
-        time.sleep(0.6)
+        time.sleep(3.2)
         return real_mask(*args, **kwargs)
 
     cfg = UnlearnConfig(budget=1.0, learning_rate=1e-3, check_time_share=None)
@@ -121,5 +121,20 @@ def test_salun_counts_its_saliency_mask_in_the_budget(setup, monkeypatch):
     result = baselines.salun(copy.deepcopy(model), tok, forget, retain, cfg, progress=False)
     split = result.calibration["seconds_split"]
     assert len(result.history) == 1 and result.calibration["stopped_because"] == "budget"
-    assert split["preparation"] >= 0.6
+    assert split["preparation"] >= 3.2
+    assert result.calibration["seconds"] == pytest.approx(sum(split.values()))
+
+
+@pytest.mark.parametrize("name", ["scrub", "npo", "salun"])
+def test_work_before_the_first_step_counts_in_the_run_time(setup, monkeypatch, name):
+    """SCRUB's teacher and NPO's reference (copies of the original) and SalUn's mask are made
+    before the first step: a calibrated run reports them as its preparation, inside its time."""
+    from deepcut_fast.unlearning import unlearner
+
+    tok, _, model, forget, retain = setup
+    monkeypatch.setattr(unlearner, "probe_seconds", lambda *args: 1e-3)  # a budget of about one step
+    result = baselines.METHODS[name](copy.deepcopy(model), tok, forget, retain,
+                                     UnlearnConfig(learning_rate=1e-3), progress=False)
+    split = result.calibration["seconds_split"]
+    assert split["preparation"] > 0
     assert result.calibration["seconds"] == pytest.approx(sum(split.values()))

@@ -28,6 +28,13 @@ def _calibrator(tokenizer, forget, retain, heldout, config, preparation_seconds=
     return calibrator
 
 
+def _timed(make):
+    """``make()`` and its seconds: a method's work before its first step, which a calibrated run
+    counts in its budget (``Calibrator.count_preparation``)."""
+    started = time.perf_counter()
+    return make(), time.perf_counter() - started
+
+
 def _ce(model, inputs, labels, rows):
     if not rows.any():
         return torch.zeros((), device=labels.device)
@@ -133,7 +140,7 @@ def scrub(model, tokenizer, forget, retain, config, progress=True, heldout=None)
     steps that push the student's forget predictions away from the teacher's (ascent on their
     KL), even steps "min" steps on the retain set: gamma * CE + alpha * KL to the teacher
     (distillation temperature 4, alpha 0.001, gamma 0.99, the public defaults)."""
-    teacher, counter = _frozen(model), [0]
+    (teacher, prepared), counter = _timed(lambda: _frozen(model)), [0]
 
     def step(model, inputs, labels, forget_mask):
         counter[0] += 1
@@ -148,7 +155,7 @@ def scrub(model, tokenizer, forget, retain, config, progress=True, heldout=None)
         return SCRUB_GAMMA * ce + SCRUB_ALPHA * kl, {"ce": ce.detach(), "retain_kl": kl.detach()}
 
     return train_steps(model, tokenizer, forget, retain, config, step, progress=progress, desc="SCRUB",
-                       calibrator=_calibrator(tokenizer, forget, retain, heldout, config))
+                       calibrator=_calibrator(tokenizer, forget, retain, heldout, config, prepared))
 
 
 SALUN_SHARE = 0.5  # of the weights, those with the largest forget-loss gradients
@@ -184,13 +191,12 @@ def salun(model, tokenizer, forget, retain, config, progress=True, heldout=None)
     ``random_relabel``, updating only the salient weights (``saliency_mask``): the other
     weights' gradients are zeroed, so that only weight decay moves them. A calibrated run counts
     the mask's time in its budget: the mask is a pass over the whole forget set."""
-    started = time.perf_counter()
-    masks = saliency_mask(model, tokenizer, forget, config)
+    masks, prepared = _timed(lambda: saliency_mask(model, tokenizer, forget, config))
     hooks = [p.register_hook(lambda grad, mask=masks[n]: grad * mask)
              for n, p in model.named_parameters() if n in masks]
     try:
         return random_relabel(model, tokenizer, forget, retain, config, progress, heldout, desc="SalUn",
-                              preparation_seconds=time.perf_counter() - started)
+                              preparation_seconds=prepared)
     finally:
         for hook in hooks:
             hook.remove()
@@ -204,7 +210,7 @@ def npo(model, tokenizer, forget, retain, config, progress=True, heldout=None):
     -(2 / beta) log sigmoid(beta * (CE_model - CE_reference)), with the original as the frozen
     reference (beta 0.1): a bounded push away from the forget labels, unlike gradient ascent;
     plus CE on the retain samples."""
-    reference = _frozen(model)
+    reference, prepared = _timed(lambda: _frozen(model))
 
     def step(model, inputs, labels, forget_mask):
         logits = model(**inputs).logits
@@ -219,7 +225,7 @@ def npo(model, tokenizer, forget, retain, config, progress=True, heldout=None):
         return preference + ce, {"npo": preference.detach(), "ce": ce.detach()}
 
     return train_steps(model, tokenizer, forget, retain, config, step, progress=progress, desc="NPO",
-                       calibrator=_calibrator(tokenizer, forget, retain, heldout, config))
+                       calibrator=_calibrator(tokenizer, forget, retain, heldout, config, prepared))
 
 
 def _sample_ce(logits, labels):
