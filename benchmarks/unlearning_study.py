@@ -2,7 +2,8 @@
 
     python -m benchmarks.unlearning_study --out benchmarks/results/unlearning-study \
         --cache runs/study-cache [--corpora bbc_news rotten_tomatoes debates_2016] \
-        [--scenarios class noisy random] [--seeds 0 1 2] [--models-only | --aggregate-only | --rescore | --methods M ...]
+        [--scenarios class noisy random] [--seeds 0 1 2] \
+        [--models-only | --aggregate-only | --rescore | --methods M ...]
 
 Each (corpus, scenario, seed) is one ``run_demo`` (the default, calibrated ``unlearn`` settings
 for DeepCUT and every baseline) into ``<out>/<corpus>/<scenario>-seed<seed>/``; a finished one

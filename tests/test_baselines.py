@@ -101,8 +101,8 @@ def test_salun_counts_its_saliency_mask_in_the_budget(setup, monkeypatch):
     """SalUn's mask is a pass over the whole forget set before its first step; a calibrated run
     counts it in its time budget like the steps and checks, so every method gets the same time.
     Here retraining is timed at 3 s an epoch (a 3 s budget at 1 epoch) and the mask takes 3.2 s:
-    the run takes the one step that always runs, where without the mask the budget holds several
-    of the tiny model's steps."""
+    the run takes the one step that always runs, where without the mask the budget holds the
+    two steps its cap allows."""
     from deepcut_fast.unlearning import unlearner
 
     tok, _, model, forget, retain = setup
