@@ -170,10 +170,11 @@ def request_figures(request, preds, sets, label_names, forgotten_classes=(), tru
 
 
 def compare_methods(original, tokenizer, sets, retrained, config: UnlearnConfig, recipe: Recipe,
-                    methods=METHODS_COMPARED, true_labels=None, probes=True, progress=True):
+                    methods=METHODS_COMPARED, true_labels=None, probes=True, progress=True, references=True):
     """Run ``methods`` from copies of ``original`` and measure every model. ``sets``: train,
     forget, retain, heldout and test TextDatasets; ``retrained``: [(name, model, seconds)].
-    Returns the report (without writing it)."""
+    Returns the report (without writing it). ``references=False``: the original and retrained
+    models are not measured and the report has no summary (rows for ``merged_report``)."""
     forget, retain, test = sets["forget"], sets["retain"], sets["test"]
     label_names = sets["train"].label_names
     request = request_kind(config.request, forget, retain)
@@ -203,9 +204,10 @@ def compare_methods(original, tokenizer, sets, retrained, config: UnlearnConfig,
             row["calibration"] = calibration  # its checks too: what each check measured, which were undone
         rows[name] = row
 
-    record("original", original, 0.0)
-    for name, model, seconds in retrained:
-        record(name, model, seconds, steps=recipe.steps(len(retain)))
+    if references:
+        record("original", original, 0.0)
+        for name, model, seconds in retrained:
+            record(name, model, seconds, steps=recipe.steps(len(retain)))
     for name in methods:
         start = time.perf_counter()
         result = baselines.METHODS[name](copy.deepcopy(original), tokenizer, forget, retain, config,
@@ -214,9 +216,10 @@ def compare_methods(original, tokenizer, sets, retrained, config: UnlearnConfig,
     timing = retrain_time_same_run(recipe, retain, tokenizer)
     counts = np.bincount(sets["train"].labels, minlength=len(label_names))
     minority = label_names[int(np.argmin(counts))]
-    return rescored(dict(request=request, forgotten_classes=forgotten, minority_class=minority, config=asdict(config),
-                         recipe=asdict(recipe), sizes={k: len(v) for k, v in sets.items() if hasattr(v, "texts")},
-                         summary=None, details=rows, timing=timing))
+    report = dict(request=request, forgotten_classes=forgotten, minority_class=minority, config=asdict(config),
+                  recipe=asdict(recipe), sizes={k: len(v) for k, v in sets.items() if hasattr(v, "texts")},
+                  summary=None, details=rows, timing=timing)
+    return rescored(report) if references else report
 
 
 def summary_row(row, gold, timing, minority):

@@ -217,8 +217,8 @@ def run_demo(opts: DemoOptions, out: Path, progress=True, cache: Path = None, ex
     if opts.scenario == "noisy":
         true_labels = [data["notes"]["true_labels"][i] for i in data["forget"].ids]
     report = compare_methods(original_model, tokenizer, data, retrained, opts.unlearn, opts.recipe(),
-                             **({} if methods is None else dict(methods=tuple(methods))), true_labels=true_labels,
-                             progress=progress)
+                             METHODS_COMPARED if methods is None else tuple(methods), true_labels=true_labels,
+                             progress=progress, references=methods is None)
     if methods is not None:
         return _merge_into(out, report, methods, extra)
     report.update(options=dict(asdict(opts), unlearn=report["config"]),
