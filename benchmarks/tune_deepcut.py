@@ -30,7 +30,7 @@ def parse_overrides(text):
     out = {}
     for item in filter(None, text.split(",")):
         key, value = item.split("=")
-        out[key] = value if key in ("embedding", "forget_pull", "request", "check_precision") else \
+        out[key] = value if key in ("embedding", "forget_pull", "request", "precision", "check_precision") else \
             None if value == "None" else int(value) if value.lstrip("-").isdigit() else float(value)
     return out
 

@@ -32,8 +32,8 @@ from deepcut_fast.testing import synthetic_batch
 from deepcut_fast.unlearning.data import CORPORA
 from deepcut_fast.unlearning.demo import SCENARIOS, DemoOptions
 from deepcut_fast.unlearning.model import EMBEDDINGS
-from deepcut_fast.unlearning.calibration import CHECK_PRECISIONS, REQUEST_SETTINGS, REQUESTS
-from deepcut_fast.unlearning.unlearner import CHECKPOINT_EVERY, PRECISIONS, ConfigError, UnlearnConfig
+from deepcut_fast.unlearning.calibration import REQUEST_SETTINGS, REQUESTS
+from deepcut_fast.unlearning.unlearner import CHECKPOINT_EVERY, PRECISION_CHOICES, ConfigError, UnlearnConfig
 
 DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
 
@@ -239,10 +239,14 @@ CONFIG_OPTIONS = {
     "chunk_size": ("--chunk-size", int, "gradient caching: embed each process's batch in chunks of this many samples"),
     "queue_size": ("--queue-size", int, "queue of recent retain embeddings (0: none)"),
     "seed": ("--seed", int, "seed of the batches and dropout"),
-    "precision": ("--precision", tuple(PRECISIONS), "forward passes in fp32, or autocast to bf16 / fp16"),
-    "check_precision": ("--check-precision", CHECK_PRECISIONS,
+    "precision": ("--precision", PRECISION_CHOICES,
+                  "forward passes in fp32, or autocast to bf16 / fp16; auto: bf16 where the device computes it "
+                  "natively, else fp32"),
+    "check_precision": ("--check-precision", PRECISION_CHOICES,
                         "calibrated runs: the checks' predictions; auto: bf16 where the device computes it natively, "
                         "else --precision"),
+    "retrain_precision": ("--retrain-precision", PRECISION_CHOICES,
+                          "calibrated runs: the precision retraining runs in, for the budget's timed retraining steps"),
     "gradient_checkpointing": ("--gradient-checkpointing", bool,
                                "recompute activations in the backward: less memory, more time"),
 }

@@ -6,8 +6,8 @@ import numpy as np
 import pytest
 import torch
 
-from deepcut_fast.unlearning.calibration import (SAMPLE_STEPS_WITHOUT_HELDOUT, Calibrator, check_dtype, fixed_sample,
-                                                  probe_seconds, request_kind, sample_focus)
+from deepcut_fast.unlearning.calibration import (PROBE_STEPS, SAMPLE_STEPS_WITHOUT_HELDOUT, Calibrator, check_dtype,
+                                                  fixed_sample, probe_seconds, request_kind, sample_focus)
 from deepcut_fast.unlearning.evaluation import loss_mia_auc, predict
 from deepcut_fast.unlearning.data import TextDataset, forget_indices
 from deepcut_fast.unlearning.unlearner import Checkpoint, DeepCUTUnlearner, UnlearnConfig, accuracy
@@ -343,6 +343,48 @@ def test_budget_probe_leaves_the_model_as_it_was(tok, original):
     seconds = probe_seconds(model, tok, data.subset(range(5)), UnlearnConfig(max_length=32))
     assert seconds > 0 and same_weights(model, state) and torch.equal(torch.get_rng_state(), rng)
     assert all(p.grad is None for p in model.parameters())
+
+
+def autocast_seen(model):
+    """The CPU autocast dtype (None: off) that each forward pass of ``model`` runs under, as a
+    list that grows with the passes."""
+    seen = []
+    model.register_forward_pre_hook(lambda module, args: seen.append(
+        torch.get_autocast_dtype("cpu") if torch.is_autocast_enabled("cpu") else None))
+    return seen
+
+
+@pytest.mark.parametrize("retrain_precision, dtype", [("fp32", None), ("bf16", torch.bfloat16)])
+def test_budget_probe_times_retraining_in_its_own_precision(tok, original, retrain_precision, dtype):
+    """The budget's retraining steps run as retraining would, whatever the run's own precision."""
+    data, state = original
+    model = model_from(state, data, tok)
+    seen = autocast_seen(model)
+    probe_seconds(model, tok, data.subset(range(5)),
+                  UnlearnConfig(max_length=32, precision="bf16", retrain_precision=retrain_precision))
+    assert seen == [dtype] * PROBE_STEPS
+
+
+def bf16_cpu(monkeypatch, native):
+    """Make this CPU look as if it computed bf16 natively (AVX512-BF16), or not."""
+    monkeypatch.setattr(torch.cpu, "_is_avx512_bf16_supported", lambda: native, raising=False)
+    monkeypatch.setattr(torch.cpu, "_is_amx_tile_supported", lambda: False, raising=False)
+
+
+@pytest.mark.parametrize("native, picked, dtype", [(True, "bf16", torch.bfloat16), (False, "fp32", None)])
+def test_auto_precision_trains_in_bf16_only_where_the_cpu_computes_it(monkeypatch, tok, original, native, picked,
+                                                                      dtype):
+    """precision="auto": every training step's forward passes autocast to bf16 on a CPU with
+    native bf16, none on another; the result's config names the precision that ran."""
+    bf16_cpu(monkeypatch, native)
+    data, state = original
+    forget, retain = data.partition(random_forget(data))
+    model = model_from(state, data, tok)
+    seen = autocast_seen(model)
+    cfg = UnlearnConfig(calibrate=False, steps=2, max_length=32, precision="auto")
+    result = DeepCUTUnlearner(model, tok, cfg).unlearn(forget, retain, progress=False)
+    assert result.config.precision == picked
+    assert len(seen) >= 2 and set(seen) == {dtype}
 
 
 def test_without_heldout_data_a_sample_target_is_not_measured(tok, original):

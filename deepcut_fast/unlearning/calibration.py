@@ -58,10 +58,9 @@ import torch
 import torch.nn.functional as F
 
 from deepcut_fast.unlearning.evaluation import classification_metrics, loss_mia_auc, predict
-from deepcut_fast.unlearning.model import PRECISIONS, autocast_to, encode_labelled
+from deepcut_fast.unlearning.model import PRECISION_CHOICES, PRECISIONS, autocast_to, encode_labelled, resolve_precision
 
 REQUESTS = ("auto", "class", "sample", "mislabelled")
-CHECK_PRECISIONS = ("auto",) + tuple(PRECISIONS)
 # DeepCUT's settings per request, chosen on BBC News only (benchmarks/results/unlearning-study):
 # whole classes and mislabelled samples take the full pull with one view at a high rate (a whole
 # class on mean-pooled tokens); a sample-level request is close to held-out data already and
@@ -90,20 +89,8 @@ def check_dtype(check_precision, run_precision, device):
     AVX512-BF16, the check samples of the study's three corpora (MiniLM-L6 originals) predicted
     2.6-2.7 times as fast in bf16 as in fp32, with 1 of 853 predicted classes different,
     probabilities within 0.008 and membership AUCs within 0.001 (``benchmarks/check_precision.py``)."""
-    choice = check_precision
-    if choice == "auto":
-        choice = "bf16" if _computes_bf16(device) else run_precision
+    choice = resolve_precision(check_precision, device, fallback=run_precision)
     return None if choice == "fp32" else PRECISIONS[choice]
-
-
-def _computes_bf16(device):
-    if device.type == "cuda":
-        return torch.cuda.is_bf16_supported()
-    if device.type != "cpu":
-        return False
-    # private probes of torch.cpu (x86 only); a torch without them is taken to lack the instructions
-    probes = (getattr(torch.cpu, name, None) for name in ("_is_avx512_bf16_supported", "_is_amx_tile_supported"))
-    return any(probe is not None and probe() for probe in probes)
 
 
 def request_kind(request, forget, retain) -> str:
@@ -568,7 +555,7 @@ def _unflat(check):
 
 def probe_seconds(model, tokenizer, retain, config):
     """Seconds of one retraining step (cross-entropy forward and backward on a retain batch of
-    ``retain_batch_size``): the fastest of ``PROBE_STEPS`` steps on successive retain batches.
+    ``retain_batch_size``, in ``retrain_precision``): the fastest of ``PROBE_STEPS`` steps on successive retain batches.
     One timed step was off by half on a loaded 2-core machine (62 and 41 s per epoch in two runs
     of one study cell); the fastest of two is the one least slowed by the first backward pass's
     start-up or by other load (an underestimate shortens the budget, never lengthens it). Run
@@ -586,7 +573,8 @@ def probe_seconds(model, tokenizer, retain, config):
         inputs, labels = encode_labelled(tokenizer, [retain.texts[i] for i in rows],
                                          [retain.labels[i] for i in rows], config.max_length, device)
         start = time.perf_counter()
-        logits = model(**inputs).logits
+        with autocast_to(device.type, PRECISIONS[resolve_precision(config.retrain_precision, device)]):
+            logits = model(**inputs).logits
         F.cross_entropy(logits.flatten(0, -2), labels.flatten(), ignore_index=-100).backward()
         seconds.append(time.perf_counter() - start)
     torch.set_rng_state(rng)

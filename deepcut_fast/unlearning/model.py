@@ -13,6 +13,28 @@ from deepcut_fast.unlearning.data import is_word_lists
 EMBEDDINGS = ("auto", "cls", "mean", "pooler", "last", "token")
 ADAPTER_CONFIG = "adapter_config.json"
 PRECISIONS = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
+# "auto": bf16 where the device computes it natively (native_bf16), else fp32
+PRECISION_CHOICES = ("auto",) + tuple(PRECISIONS)
+
+
+def native_bf16(device) -> bool:
+    """Whether ``device`` computes bf16 natively: a CUDA GPU with bf16, or a CPU with AVX512-BF16
+    or AMX (where bf16 matrix products run at about twice fp32's rate)."""
+    if device.type == "cuda":
+        return torch.cuda.is_bf16_supported()
+    if device.type != "cpu":
+        return False
+    # private probes of torch.cpu (x86 only); a torch without them is taken to lack the instructions
+    probes = (getattr(torch.cpu, name, None) for name in ("_is_avx512_bf16_supported", "_is_amx_tile_supported"))
+    return any(probe is not None and probe() for probe in probes)
+
+
+def resolve_precision(choice, device, fallback="fp32") -> str:
+    """``choice`` itself, or for "auto" bf16 where ``device`` computes it natively, else
+    ``fallback`` (itself resolved the same way)."""
+    if choice != "auto":
+        return choice
+    return "bf16" if native_bf16(device) else resolve_precision(fallback, device)
 
 
 def autocast_to(device_type, dtype):

@@ -19,12 +19,13 @@ import torch.nn.functional as F
 from deepcut_fast.unlearning.evaluation import classification_metrics, predict
 from deepcut_fast.loss import BACKENDS, FORGET_PULLS, contrastive_unlearn_loss
 from deepcut_fast.queue import RetainQueue
-from deepcut_fast.unlearning.calibration import (CHECK_PRECISIONS, REQUEST_SETTINGS, REQUESTS, Calibrator,
+from deepcut_fast.unlearning.calibration import (REQUEST_SETTINGS, REQUESTS, Calibrator,
                                                   fixed_sample, probe_seconds, request_kind, steps_per_epoch)
 from deepcut_fast.unlearning.data import TextDataset
 from deepcut_fast.unlearning.files import atomic_write, fault_point
-from deepcut_fast.unlearning.model import (EMBEDDINGS, PRECISIONS, autocast_to, embed, encode_labelled,
-                                          is_decoder_only, resolve_embedding, set_activation_checkpointing)
+from deepcut_fast.unlearning.model import (EMBEDDINGS, PRECISION_CHOICES, PRECISIONS, autocast_to, embed,
+                                          encode_labelled, is_decoder_only, resolve_embedding, resolve_precision,
+                                          set_activation_checkpointing)
 
 
 def steps_for(epochs, size, batch_size):
@@ -93,11 +94,16 @@ class UnlearnConfig:
     seed: int = 0
     backend: str = "auto"
     # precision of the forward passes: "fp32", or autocast to "bf16" / "fp16" (fp16 with a
-    # gradient scaler); gradient checkpointing recomputes activations in the backward (less memory)
-    precision: str = "fp32"
+    # gradient scaler); "auto": bf16 where the device computes it natively (a DeepCUT step in
+    # about 0.4 of its fp32 time on a CPU with AVX512-BF16, benchmarks/step_precision.py), else
+    # fp32. Gradient checkpointing recomputes activations in the backward (less memory)
+    precision: str = "auto"
     # calibrated runs: precision of the checks' predictions; "auto": bf16 where the device computes
     # it natively (a third of fp32's time on a CPU with AVX512-BF16), else ``precision``
     check_precision: str = "auto"
+    # calibrated runs: the precision retraining would run in, for the budget's timed retraining
+    # steps (fp32: how transformers' Trainer fine-tunes unless told otherwise)
+    retrain_precision: str = "fp32"
     gradient_checkpointing: bool = False
     # large batches: gradient caching in chunks of this many samples (None: off), and a queue of
     # this many recent retain embeddings as extra candidates (0: off)
@@ -109,7 +115,8 @@ class UnlearnConfig:
             raise ConfigError(name, f"{name} {message}, got {getattr(self, name)!r}")
 
         for name, choices in (("embedding", EMBEDDINGS), ("forget_pull", FORGET_PULLS), ("backend", BACKENDS),
-                              ("precision", tuple(PRECISIONS)), ("check_precision", CHECK_PRECISIONS),
+                              ("precision", PRECISION_CHOICES), ("check_precision", PRECISION_CHOICES),
+                              ("retrain_precision", PRECISION_CHOICES),
                               ("request", REQUESTS)):
             if getattr(self, name) not in choices and not (name in REQUEST_SETTINGS["sample"] and
                                                            getattr(self, name) is None):
@@ -397,7 +404,8 @@ def train_steps(model, tokenizer, forget: TextDataset, retain: TextDataset, conf
     torch.manual_seed(config.seed)  # dropout masks
     # only what trains: a PEFT model's adapter (and the modules it saves), or every weight
     optimizer = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=config.learning_rate)
-    scaler = torch.amp.GradScaler(device.type, enabled=config.precision == "fp16")  # fp16 gradients underflow
+    precision = resolve_precision(config.precision, device)
+    scaler = torch.amp.GradScaler(device.type, enabled=precision == "fp16")  # fp16 gradients underflow
     if config.gradient_checkpointing:
         set_activation_checkpointing(model, True)
     if device.type == "cuda":
@@ -463,7 +471,7 @@ def train_steps(model, tokenizer, forget: TextDataset, retain: TextDataset, conf
                                          [retain.labels[i] for i in r_idx], config.max_length, device)
         forget_mask = torch.arange(len(texts), device=device) < len(f_idx)
         optimizer.zero_grad(set_to_none=True)
-        with autocast_to(device.type, PRECISIONS[config.precision]):
+        with autocast_to(device.type, PRECISIONS[precision]):
             loss, parts = step_loss(trained, inputs, labels, forget_mask)
         if loss.requires_grad:
             scaler.scale(loss).backward()
@@ -544,6 +552,9 @@ class DeepCUTUnlearner:
         if len(forget) == 0 or len(retain) == 0:
             raise ValueError(f"need forget and retain samples, got {len(forget)} and {len(retain)}")
         kind, cfg = self.settings_for(forget, retain)
+        device = next(self.model.parameters()).device  # the report names the precisions that ran
+        cfg = replace(cfg, precision=resolve_precision(cfg.precision, device),
+                      retrain_precision=resolve_precision(cfg.retrain_precision, device))
         if forget.token_level != (resolve_embedding(cfg.embedding, self.model, forget.token_level) == "token"):
             raise ValueError(f"embedding={cfg.embedding!r} does not fit the data: token classification data "
                              "(word lists) needs embedding='token', text data one of 'cls', 'mean', 'pooler', "
