@@ -42,6 +42,7 @@ def test_compare_runs_every_method_on_csv_files(files, capsys):
     assert retrain["forgotten_class_recall_train"] == 0.0  # retrained without the class
     assert deepcut["target_met"] and deepcut["forgotten_class_recall_train"] <= 2.0
     assert report["details"]["deepcut"]["calibration"]["stopped_because"] == "target met"
+    assert report["config"]["precision"] in ("fp32", "bf16")  # "auto" resolved: what every method ran in
     assert retrain["distance_to_retrain"] == 0 and retrain["cka_test"] == pytest.approx(1.0)
     for row in report["summary"].values():
         assert {"knn_forget", "knn_test", "cka_forget", "relearn_gap", "time_ratio"} <= set(row)

@@ -179,7 +179,7 @@ def compare_methods(original, tokenizer, sets, retrained, config: UnlearnConfig,
     label_names = sets["train"].label_names
     request = request_kind(config.request, forget, retain)
     # every method: the same settings, target, guard and budget
-    config = config.for_request(request, is_decoder_only(original))
+    config = config.for_request(request, is_decoder_only(original)).on_device(next(original.parameters()).device)
     forgotten = [label_names[c] for c in sorted(set(forget.labels) - set(retain.labels))] if request == "class" else []
     probed = dict(forget=forget, retain=retain, test=test)
     probes = probes and not forget.token_level

@@ -160,6 +160,11 @@ class UnlearnConfig:
         settings = dict(REQUEST_SETTINGS[kind], **({"embedding": "auto"} if decoder_only else {}))
         return replace(self, **{k: v for k, v in settings.items() if getattr(self, k) is None})
 
+    def on_device(self, device):
+        """This config with its "auto" precisions resolved to the ones that run on ``device``."""
+        return replace(self, precision=resolve_precision(self.precision, device),
+                       retrain_precision=resolve_precision(self.retrain_precision, device))
+
     def total_steps(self, forget_size, retain_size):
         """The run's steps (a cap when calibrating: without steps or epochs, as many as ``budget``
         epochs of retraining take, which a DeepCUT step, costlier than a retraining step, never
@@ -552,9 +557,7 @@ class DeepCUTUnlearner:
         if len(forget) == 0 or len(retain) == 0:
             raise ValueError(f"need forget and retain samples, got {len(forget)} and {len(retain)}")
         kind, cfg = self.settings_for(forget, retain)
-        device = next(self.model.parameters()).device  # the report names the precisions that ran
-        cfg = replace(cfg, precision=resolve_precision(cfg.precision, device),
-                      retrain_precision=resolve_precision(cfg.retrain_precision, device))
+        cfg = cfg.on_device(next(self.model.parameters()).device)  # the report names the precisions that ran
         if forget.token_level != (resolve_embedding(cfg.embedding, self.model, forget.token_level) == "token"):
             raise ValueError(f"embedding={cfg.embedding!r} does not fit the data: token classification data "
                              "(word lists) needs embedding='token', text data one of 'cls', 'mean', 'pooler', "
