@@ -58,7 +58,7 @@ import torch
 import torch.nn.functional as F
 
 from deepcut_fast.unlearning.evaluation import classification_metrics, loss_mia_auc, predict
-from deepcut_fast.unlearning.model import PRECISION_CHOICES, PRECISIONS, autocast_to, encode_labelled, resolve_precision
+from deepcut_fast.unlearning.model import PRECISIONS, autocast_to, encode_labelled, resolve_precision
 
 REQUESTS = ("auto", "class", "sample", "mislabelled")
 # DeepCUT's settings per request, chosen on BBC News only (benchmarks/results/unlearning-study):
@@ -555,7 +555,8 @@ def _unflat(check):
 
 def probe_seconds(model, tokenizer, retain, config):
     """Seconds of one retraining step (cross-entropy forward and backward on a retain batch of
-    ``retain_batch_size``, in ``retrain_precision``): the fastest of ``PROBE_STEPS`` steps on successive retain batches.
+    ``retain_batch_size``, in ``retrain_precision``): the fastest of ``PROBE_STEPS`` steps on
+    successive retain batches.
     One timed step was off by half on a loaded 2-core machine (62 and 41 s per epoch in two runs
     of one study cell); the fastest of two is the one least slowed by the first backward pass's
     start-up or by other load (an underestimate shortens the budget, never lengthens it). Run
