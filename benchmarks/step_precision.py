@@ -32,16 +32,16 @@ FORGET, RETAIN, MAX_LENGTH = 16, 32, 64
 STEPS = {"deepcut_one_view": ("mislabelled", FORGET), "deepcut_two_views": ("sample", FORGET), "retrain": (None, 0)}
 
 
-def timed_step(model, optimizer, inputs, labels, forget_mask, request, precision):
-    """Seconds of one forward, backward and optimiser step under autocast to ``precision``."""
+def timed_step(model, optimizer, inputs, labels, forget_mask, config, precision):
+    """Seconds of one forward, backward and optimiser step under autocast to ``precision``: a
+    DeepCUT step with ``config``, or a retraining (cross-entropy) step for None."""
     optimizer.zero_grad(set_to_none=True)
     start = time.perf_counter()
     with autocast_to("cpu", PRECISIONS[precision]):
-        if request is None:
+        if config is None:
             loss = F.cross_entropy(model(**inputs).logits, labels)
         else:
-            loss, _ = deepcut_loss(model, inputs, labels, forget_mask,
-                                   UnlearnConfig(max_length=MAX_LENGTH).for_request(request))
+            loss, _ = deepcut_loss(model, inputs, labels, forget_mask, config)
     loss.backward()
     optimizer.step()
     return time.perf_counter() - start
@@ -58,10 +58,11 @@ def compare(corpus, repeats):
         inputs, labels = encode_labelled(tokenizer, [train.texts[i] for i in rows], [train.labels[i] for i in rows],
                                          MAX_LENGTH, torch.device("cpu"))
         forget_mask = torch.arange(len(rows)) < forget
+        config = None if request is None else UnlearnConfig(max_length=MAX_LENGTH).for_request(request)
         seconds = {"fp32": [], "bf16": []}
         for _ in range(repeats + 1):  # the first of each warms up
             for precision, times in seconds.items():
-                times.append(timed_step(model, optimizer, inputs, labels, forget_mask, request, precision))
+                times.append(timed_step(model, optimizer, inputs, labels, forget_mask, config, precision))
         out[name] = {precision: min(times[1:]) for precision, times in seconds.items()}
         out[name]["speedup"] = out[name]["fp32"] / out[name]["bf16"]
     for name in ("deepcut_one_view", "deepcut_two_views"):

@@ -33,6 +33,12 @@ def random_forget(data, share=0.25, seed=0):
     return sorted(random.Random(seed).sample(range(len(data)), round(share * len(data))))
 
 
+def bf16_cpu(monkeypatch, avx512_bf16, amx=False):
+    """Make this CPU look as if it had AVX512-BF16 and AMX, or not (what native bf16 is read from)."""
+    monkeypatch.setattr(torch.cpu, "_is_avx512_bf16_supported", lambda: avx512_bf16, raising=False)
+    monkeypatch.setattr(torch.cpu, "_is_amx_tile_supported", lambda: amx, raising=False)
+
+
 def same_weights(model, state):
     return all(torch.equal(p, state[n]) for n, p in model.state_dict().items())
 
@@ -365,12 +371,6 @@ def test_budget_probe_times_retraining_in_its_own_precision(tok, original, retra
     assert seen == [dtype] * PROBE_STEPS
 
 
-def bf16_cpu(monkeypatch, native):
-    """Make this CPU look as if it computed bf16 natively (AVX512-BF16), or not."""
-    monkeypatch.setattr(torch.cpu, "_is_avx512_bf16_supported", lambda: native, raising=False)
-    monkeypatch.setattr(torch.cpu, "_is_amx_tile_supported", lambda: False, raising=False)
-
-
 @pytest.mark.parametrize("native, picked, dtype", [(True, "bf16", torch.bfloat16), (False, "fp32", None)])
 def test_auto_precision_trains_in_bf16_only_where_the_cpu_computes_it(monkeypatch, tok, original, native, picked,
                                                                       dtype):
@@ -440,8 +440,7 @@ def test_sample_focus_takes_the_accuracy_excess_else_the_membership_excess():
     (False, False, "fp32", None), (False, False, "fp16", torch.float16)])
 def test_auto_check_precision_is_bf16_only_where_the_cpu_computes_it(monkeypatch, avx512_bf16, amx, run_precision,
                                                                       picked):
-    monkeypatch.setattr(torch.cpu, "_is_avx512_bf16_supported", lambda: avx512_bf16, raising=False)
-    monkeypatch.setattr(torch.cpu, "_is_amx_tile_supported", lambda: amx, raising=False)
+    bf16_cpu(monkeypatch, avx512_bf16, amx)
     assert check_dtype("auto", run_precision, torch.device("cpu")) == picked
     assert check_dtype("fp32", "bf16", torch.device("cpu")) is None  # said outright, whatever the hardware
     assert check_dtype("bf16", "fp32", torch.device("cpu")) == torch.bfloat16
