@@ -31,7 +31,7 @@ from deepcut_fast import available_backends, contrastive_unlearn_loss
 from deepcut_fast.testing import synthetic_batch
 from deepcut_fast.unlearning.data import CORPORA
 from deepcut_fast.unlearning.demo import SCENARIOS, DemoOptions
-from deepcut_fast.unlearning.model import EMBEDDINGS
+from deepcut_fast.unlearning.model import EMBEDDINGS, PRECISIONS
 from deepcut_fast.unlearning.calibration import REQUEST_SETTINGS, REQUESTS
 from deepcut_fast.unlearning.unlearner import CHECKPOINT_EVERY, PRECISION_CHOICES, ConfigError, UnlearnConfig
 
@@ -97,7 +97,7 @@ def finetune(args):
     from deepcut_fast.unlearning.data import load_table
 
     recipe = Recipe(**{k: getattr(args, k) for k in ("base", "epochs", "learning_rate", "batch_size", "max_length",
-                                                    "seed") if getattr(args, k) is not None})
+                                                    "seed", "precision") if getattr(args, k) is not None})
     data = load_table(args.data, text_column=args.text_column, label_column=args.label_column,
                       id_column=args.id_column)
     if Path(args.out).exists():
@@ -267,7 +267,7 @@ def _add_config_options(parser, options, default_text):
 
 def _given(args, options):
     """{UnlearnConfig field: value} of the options the user gave."""
-    values = {name: getattr(args, _dest(flag)) for name, (flag, _, _) in options.items()}
+    values = {name: getattr(args, _dest(flag), None) for name, (flag, _, _) in options.items()}
     return {name: value for name, value in values.items() if value is not None}
 
 
@@ -363,6 +363,8 @@ def build_parser():
     f.add_argument("--batch-size", type=int, default=None, help="samples per step (default: 32)")
     f.add_argument("--max-length", type=int, default=None, help="tokens per text (default: 64)")
     f.add_argument("--seed", type=int, default=None, help="seed of the batches and dropout (default: 0)")
+    f.add_argument("--precision", choices=tuple(PRECISIONS), default=None,
+                   help="fp32, or autocast to bf16 / fp16; compare retrains in it (default: fp32)")
     f.add_argument("--text-column", default="text")
     f.add_argument("--label-column", default="label")
     f.add_argument("--id-column", default=None)
@@ -373,13 +375,14 @@ def build_parser():
     c.add_argument("--out", required=True, help="output folder (the retrained models are cached in <out>/cache)")
     c.add_argument("--recipe", default=None, help="JSON file of how the model was fine-tuned (default: "
                    "<model>/recipe.json, which finetune writes); keys base, epochs, learning_rate, batch_size, "
-                   "max_length, seed")
+                   "max_length, seed, precision (the budget is a share of retraining in it)")
     c.add_argument("--heldout", default=None, help="held-out data for the calibrated target and guard (default: "
                    "half of --test; the other half is measured)")
     c.add_argument("--one-retrain", action="store_true", help="retrain once (no second seed for the noise floor)")
     c.add_argument("--methods", default=None, help="comma-separated methods to run (default: all)")
     _add_data_arguments(c)
-    _add_config_options(c, CONFIG_OPTIONS, _config_default)
+    # compare retrains as the recipe says: the budget's retraining precision is the recipe's
+    _add_config_options(c, {k: v for k, v in CONFIG_OPTIONS.items() if k != "retrain_precision"}, _config_default)
     c.set_defaults(func=compare)
     a = sub.add_parser("audit", parents=[common], help="verify and print the audit record of an unlearn run")
     a.add_argument("run", help="the output folder of an unlearn run")

@@ -11,7 +11,8 @@ from deepcut_fast.unlearning.calibration import (PROBE_STEPS, SAMPLE_STEPS_WITHO
 from deepcut_fast.unlearning.evaluation import loss_mia_auc, predict
 from deepcut_fast.unlearning.data import TextDataset, forget_indices
 from deepcut_fast.unlearning.unlearner import Checkpoint, DeepCUTUnlearner, UnlearnConfig, accuracy
-from tiny_models import fine_tune, interrupted_at, tiny_bert, toy_corpus  # fixtures tok, original: conftest
+# fixtures tok, original: conftest
+from tiny_models import autocast_seen, bf16_cpu, fine_tune, interrupted_at, tiny_bert, toy_corpus
 
 NO_TIME_LIMIT = 1e6  # retraining epochs: the budget never ends these runs
 EXACT = "fp32"  # checks predict as ``accuracy`` and ``predict`` do, on every machine (a test compares them)
@@ -31,12 +32,6 @@ def model_from(state, data, tok):
 
 def random_forget(data, share=0.25, seed=0):
     return sorted(random.Random(seed).sample(range(len(data)), round(share * len(data))))
-
-
-def bf16_cpu(monkeypatch, avx512_bf16, amx=False):
-    """Make this CPU look as if it had AVX512-BF16 and AMX, or not (what native bf16 is read from)."""
-    monkeypatch.setattr(torch.cpu, "_is_avx512_bf16_supported", lambda: avx512_bf16, raising=False)
-    monkeypatch.setattr(torch.cpu, "_is_amx_tile_supported", lambda: amx, raising=False)
 
 
 def same_weights(model, state):
@@ -349,15 +344,6 @@ def test_budget_probe_leaves_the_model_as_it_was(tok, original):
     seconds = probe_seconds(model, tok, data.subset(range(5)), UnlearnConfig(max_length=32))
     assert seconds > 0 and same_weights(model, state) and torch.equal(torch.get_rng_state(), rng)
     assert all(p.grad is None for p in model.parameters())
-
-
-def autocast_seen(model):
-    """The CPU autocast dtype (None: off) that each forward pass of ``model`` runs under, as a
-    list that grows with the passes."""
-    seen = []
-    model.register_forward_pre_hook(lambda module, args: seen.append(
-        torch.get_autocast_dtype("cpu") if torch.is_autocast_enabled("cpu") else None))
-    return seen
 
 
 @pytest.mark.parametrize("retrain_precision, dtype", [("fp32", None), ("bf16", torch.bfloat16)])

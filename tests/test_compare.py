@@ -2,11 +2,12 @@
 import json
 
 import pytest
+import torch
 
 from deepcut_fast.cli import main
-from deepcut_fast.unlearning.compare import METHODS_COMPARED, RECIPE_FILE, REFERENCES, Recipe
+from deepcut_fast.unlearning.compare import METHODS_COMPARED, RECIPE_FILE, REFERENCES, Recipe, fit
 from deepcut_fast.unlearning.data import write_table
-from tiny_models import tiny_bert, toy_corpus
+from tiny_models import autocast_seen, bf16_cpu, tiny_bert, toy_corpus
 
 
 @pytest.fixture(scope="module")
@@ -55,6 +56,37 @@ def test_compare_runs_every_method_on_csv_files(files, capsys):
     assert list(again["summary"]) == ["original", "retrain", "deepcut"]
     assert again["summary"]["retrain"]["test_f1"] == pytest.approx(retrain["test_f1"])
     assert sorted(p.name for p in (out / "cache").iterdir()) == cached
+
+
+@pytest.mark.parametrize("precision, dtype", [("fp32", None), ("bf16", torch.bfloat16)])
+def test_training_runs_in_the_recipe_precision_whatever_the_cpu(monkeypatch, tok, precision, dtype):
+    """Fine-tuning and retraining repeat the recipe: on a CPU where unlearning steps would pick bf16,
+    an fp32 recipe still trains without autocast."""
+    bf16_cpu(monkeypatch, True)
+    data = toy_corpus(per_class=4)
+    model = tiny_bert(data.label_names, tok.vocab_size)
+    seen = autocast_seen(model)
+    fit(model, tok, data, Recipe(max_length=32, precision=precision), seed=0, steps=2)
+    assert len(seen) == 2 and set(seen) == {dtype}
+
+
+def test_compare_retrains_and_budgets_in_the_recipe_precision(files, tmp_path):
+    recipe = json.loads((files / "original" / RECIPE_FILE).read_text())
+    (tmp_path / "bf16.json").write_text(json.dumps(dict(recipe, precision="bf16")))
+    out = tmp_path / "o"
+    assert main(["compare", "--model", str(files / "original"), "--data", str(files / "train.csv"), "--id-column",
+                 "id", "--test", str(files / "test.csv"), "--forget-class", "tech", "--out", str(out), "--steps", "2",
+                 "--max-length", "32", "--recipe", str(tmp_path / "bf16.json"), "--methods", "deepcut",
+                 "--one-retrain"]) == 0
+    report = json.loads((out / "report.json").read_text())
+    assert report["recipe"]["precision"] == report["config"]["retrain_precision"] == "bf16"
+    # a bf16 retraining is not the fp32 one: its cache name differs
+    assert Recipe(**dict(recipe, precision="bf16")).cache_key() != Recipe(**recipe).cache_key()
+
+
+def test_recipe_precision_is_checked():
+    with pytest.raises(ValueError, match="recipe precision must be one of .*'fp32'.*, got 'auto'"):
+        Recipe(precision="auto")
 
 
 @pytest.mark.parametrize("extra, message", [

@@ -1,4 +1,5 @@
-"""A toy corpus and a small random BERT for fast unlearning tests (real tokenizer, offline)."""
+"""A toy corpus and a small random BERT for fast unlearning tests (real tokenizer, offline), and
+helpers that make or watch a CPU's bf16."""
 import contextlib
 import random
 
@@ -133,3 +134,18 @@ def interrupted_at(step):
         yield
     finally:
         unlearner.deepcut_loss = real
+
+
+def bf16_cpu(monkeypatch, avx512_bf16, amx=False):
+    """Make this CPU look as if it had AVX512-BF16 and AMX, or not (what native bf16 is read from)."""
+    monkeypatch.setattr(torch.cpu, "_is_avx512_bf16_supported", lambda: avx512_bf16, raising=False)
+    monkeypatch.setattr(torch.cpu, "_is_amx_tile_supported", lambda: amx, raising=False)
+
+
+def autocast_seen(model):
+    """The CPU autocast dtype (None: off) that each forward pass of ``model`` runs under, as a
+    list that grows with the passes."""
+    seen = []
+    model.register_forward_pre_hook(lambda module, args: seen.append(
+        torch.get_autocast_dtype("cpu") if torch.is_autocast_enabled("cpu") else None))
+    return seen

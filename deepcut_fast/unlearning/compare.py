@@ -20,7 +20,7 @@ import copy
 import hashlib
 import json
 import time
-from dataclasses import asdict, dataclass, fields
+from dataclasses import asdict, dataclass, fields, replace
 from pathlib import Path
 from typing import Optional
 
@@ -32,8 +32,8 @@ from deepcut_fast.unlearning.data import read_text, split
 from deepcut_fast.unlearning.evaluation import (Predictions, classification_metrics, gap_to, headline, predict_sets,
                                                 report_from_predictions)
 from deepcut_fast.unlearning.files import atomic_write, atomic_write_json, claimed_folder, save_model_atomically
-from deepcut_fast.unlearning.model import (default_model_path, is_decoder_only, load_classifier, quiet_loading,
-                                          save_trained)
+from deepcut_fast.unlearning.model import (PRECISIONS, default_model_path, is_decoder_only, load_classifier,
+                                          quiet_loading, save_trained)
 from deepcut_fast.unlearning.probes import reference_embeddings, relearn_curve, representation_figures
 from deepcut_fast.unlearning.unlearner import UnlearnConfig, steps_for
 
@@ -47,13 +47,16 @@ RECIPE_FILE = "recipe.json"
 class Recipe:
     """How the original was fine-tuned, so that retraining can repeat it on the retain set:
     AdamW at ``learning_rate`` for ``epochs`` passes in batches of ``batch_size``, from the
-    pretrained model in ``base`` (None: the embedded MiniLM-L6)."""
+    pretrained model in ``base`` (None: the embedded MiniLM-L6), in ``precision`` (fp32, or
+    autocast to bf16 / fp16; fp32 is how transformers' Trainer fine-tunes unless told otherwise).
+    A calibrated run's budget is a share of retraining in this precision."""
     base: Optional[str] = None
     epochs: float = 2.0
     learning_rate: float = 5e-5
     batch_size: int = 32
     max_length: int = 64
     seed: int = 0
+    precision: str = "fp32"
 
     def __post_init__(self):
         for name in ("epochs", "learning_rate"):
@@ -62,11 +65,21 @@ class Recipe:
         for name in ("batch_size", "max_length"):
             if getattr(self, name) < 1:
                 raise ValueError(f"recipe {name} must be >= 1, got {getattr(self, name)!r}")
+        if self.precision not in PRECISIONS:
+            raise ValueError(f"recipe precision must be one of {tuple(PRECISIONS)}, got {self.precision!r}")
         if self.base is not None and not (Path(self.base) / "config.json").is_file():
             raise ValueError(f"recipe base {self.base} is not a saved model directory (no config.json)")
 
     def steps(self, size, epochs=None):
         return steps_for(self.epochs if epochs is None else epochs, size, self.batch_size)
+
+    def cache_key(self):
+        """The fields that name a model trained with this recipe in a cache. fp32, the precision
+        of every recipe before recipes named one, is left out: models cached then are found again."""
+        values = asdict(self)
+        if values["precision"] == "fp32":
+            del values["precision"]
+        return values
 
     @classmethod
     def load(cls, path):
@@ -91,11 +104,12 @@ def load_base(recipe: Recipe, label_names):
 
 
 def fit(model, tokenizer, data, recipe: Recipe, seed, steps=None, learning_rate=None, desc=None):
-    """Cross-entropy training on ``data`` as the recipe says (``steps`` and ``learning_rate``
-    override it); the UnlearnResult. A progress bar labelled ``desc`` when given."""
+    """Cross-entropy training on ``data`` as the recipe says, in its precision (``steps`` and
+    ``learning_rate`` override it); the UnlearnResult. A progress bar labelled ``desc`` when given."""
     cfg = UnlearnConfig(calibrate=False, steps=recipe.steps(len(data)) if steps is None else steps,
                         learning_rate=recipe.learning_rate if learning_rate is None else learning_rate,
-                        retain_batch_size=recipe.batch_size, max_length=recipe.max_length, seed=seed)
+                        retain_batch_size=recipe.batch_size, max_length=recipe.max_length, seed=seed,
+                        precision=recipe.precision)
     return baselines.retrain(model, tokenizer, data.subset([]), data, cfg, progress=desc is not None, desc=desc)
 
 
@@ -120,7 +134,7 @@ def retrained_models(recipe: Recipe, retain, cache: Path, second_seed=True, prog
     under a name that fingerprints the recipe and the retain set."""
     out = []
     for name, seed in (("retrain", recipe.seed), ("retrain_seed2", recipe.seed + 1))[:2 if second_seed else 1]:
-        key = fingerprint(asdict(recipe), seed, retain.ids, retain.labels, retain.texts)
+        key = fingerprint(recipe.cache_key(), seed, retain.ids, retain.labels, retain.texts)
         directory = cache / f"retrain-{prefix}seed{seed}-{key}"
 
         def build(seed=seed):
@@ -178,8 +192,9 @@ def compare_methods(original, tokenizer, sets, retrained, config: UnlearnConfig,
     forget, retain, test = sets["forget"], sets["retain"], sets["test"]
     label_names = sets["train"].label_names
     request = request_kind(config.request, forget, retain)
-    # every method: the same settings, target, guard and budget
-    config = config.for_request(request, is_decoder_only(original)).on_device(next(original.parameters()).device)
+    # every method: the same settings, target, guard and budget (a share of retraining as the recipe runs it)
+    config = replace(config.for_request(request, is_decoder_only(original)), retrain_precision=recipe.precision)
+    config = config.on_device(next(original.parameters()).device)
     forgotten = [label_names[c] for c in sorted(set(forget.labels) - set(retain.labels))] if request == "class" else []
     probed = dict(forget=forget, retain=retain, test=test)
     probes = probes and not forget.token_level
