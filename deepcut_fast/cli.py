@@ -21,9 +21,12 @@ A failure prints one line that names the file, line or option at fault and exits
 (2 for a malformed command line); ``--debug`` shows the traceback instead.
 """
 import argparse
+import json
 import re
 import sys
 import time
+from dataclasses import replace
+from pathlib import Path
 
 import torch
 
@@ -73,9 +76,6 @@ def check(args):
 
 
 def demo(args):
-    from dataclasses import replace
-    from pathlib import Path
-
     from deepcut_fast.unlearning.compare import markdown_table
     from deepcut_fast.unlearning.demo import default_config, run_demo
 
@@ -91,8 +91,6 @@ def demo(args):
 
 
 def finetune(args):
-    from pathlib import Path
-
     from deepcut_fast.unlearning.compare import Recipe, finetune as run_finetune
     from deepcut_fast.unlearning.data import load_table
 
@@ -147,6 +145,8 @@ def unlearn(args):
     from deepcut_fast.unlearning.job import run_unlearn_job
 
     config = _config(args)
+    if args.retrain_precision is None:
+        config = replace(config, retrain_precision=_fine_tuning_precision(args))
     if args.checkpoint_every < 1:
         raise ValueError(f"--checkpoint-every must be >= 1, got {args.checkpoint_every}")
     spec, columns = _data_options(args)
@@ -169,6 +169,18 @@ def unlearn(args):
               f"stopped: {calibration['stopped_because']}" + ("" if calibration["rewound_to_step"] is None else
               f"; ended on step {calibration['rewound_to_step']}, the check nearest the target"))
     return 0
+
+
+def _fine_tuning_precision(args):
+    """The precision retraining would repeat: the one in the model's recipe.json (finetune writes
+    it), with --previous the one the earlier run budgeted against; fp32 when neither says."""
+    from deepcut_fast.unlearning.compare import saved_recipe
+
+    if args.previous is not None:
+        report = Path(args.previous) / "report.json"  # a missing one is reported by the job
+        return json.loads(report.read_text())["config"]["retrain_precision"] if report.is_file() else "fp32"
+    recipe = saved_recipe(args.model)
+    return "fp32" if recipe is None else recipe.precision
 
 
 def audit(args):
@@ -246,7 +258,8 @@ CONFIG_OPTIONS = {
                         "calibrated runs: the checks' predictions; auto: bf16 where the device computes it natively, "
                         "else --precision"),
     "retrain_precision": ("--retrain-precision", PRECISION_CHOICES,
-                          "calibrated runs: the precision retraining runs in, for the budget's timed retraining steps"),
+                          "calibrated runs: the precision retraining runs in, for the budget's timed retraining steps "
+                          "(default: the precision in the model's recipe.json, which finetune writes; else fp32)"),
     "gradient_checkpointing": ("--gradient-checkpointing", bool,
                                "recompute activations in the backward: less memory, more time"),
 }

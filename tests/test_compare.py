@@ -1,5 +1,6 @@
 """``deepcut-fast finetune`` and ``deepcut-fast compare`` end to end on a tiny BERT and CSV files."""
 import json
+import shutil
 
 import pytest
 import torch
@@ -82,6 +83,27 @@ def test_compare_retrains_and_budgets_in_the_recipe_precision(files, tmp_path):
     assert report["recipe"]["precision"] == report["config"]["retrain_precision"] == "bf16"
     # a bf16 retraining is not the fp32 one: its cache name differs
     assert Recipe(**dict(recipe, precision="bf16")).cache_key() != Recipe(**recipe).cache_key()
+
+
+def test_unlearn_budgets_against_the_precision_the_model_was_fine_tuned_in(files, tmp_path):
+    """A model that finetune made in bf16 is budgeted against a bf16 retraining, and so is a
+    further request on the run's model (which has no recipe beside it); an option given wins."""
+    model = tmp_path / "bf16-model"
+    shutil.copytree(files / "original", model)
+    recipe = json.loads((model / RECIPE_FILE).read_text())
+    (model / RECIPE_FILE).write_text(json.dumps(dict(recipe, precision="bf16")))
+    for n in range(3):
+        (tmp_path / f"ids{n}.txt").write_text(f"tech-{n}\n")
+
+    def budgeted_precision(start, out, request, extra=()):
+        assert main(["unlearn", *start, "--data", str(files / "train.csv"), "--id-column", "id", "--forget-ids",
+                     str(tmp_path / f"ids{request}.txt"), "--test", str(files / "test.csv"), "--out", str(out),
+                     "--steps", "1", "--max-length", "32", *extra]) == 0
+        return json.loads((out / "report.json").read_text())["config"]["retrain_precision"]
+
+    assert budgeted_precision(["--model", str(model)], tmp_path / "first", 0) == "bf16"
+    assert budgeted_precision(["--previous", str(tmp_path / "first")], tmp_path / "second", 1) == "bf16"
+    assert budgeted_precision(["--model", str(model)], tmp_path / "told", 2, ["--retrain-precision", "fp32"]) == "fp32"
 
 
 def test_recipe_precision_is_checked():

@@ -346,6 +346,12 @@ def finetune(data, out: Path, recipe: Recipe, progress=True):
     return recipe
 
 
+def saved_recipe(model_dir):
+    """The recipe that ``finetune`` saved beside the model in ``model_dir``, or None."""
+    saved = Path(model_dir) / RECIPE_FILE
+    return Recipe.load(saved) if saved.is_file() else None
+
+
 def run_compare(model_dir, data_path, test_path, out, forget_spec, config: UnlearnConfig, recipe: Recipe = None,
                 heldout_path=None, columns=None, second_seed=True, methods=None, progress=True):
     """``deepcut-fast compare`` (module docstring). ``recipe``: how the model was fine-tuned
@@ -354,11 +360,10 @@ def run_compare(model_dir, data_path, test_path, out, forget_spec, config: Unlea
 
     out = Path(out)
     if recipe is None:
-        saved = Path(model_dir) / RECIPE_FILE
-        if not saved.is_file():
-            raise FileNotFoundError(f"{model_dir} has no {RECIPE_FILE}: retraining repeats the recipe that made the "
-                                    "model; give --recipe FILE, or make the model with deepcut-fast finetune")
-        recipe = Recipe.load(saved)
+        recipe = saved_recipe(model_dir)
+    if recipe is None:
+        raise FileNotFoundError(f"{model_dir} has no {RECIPE_FILE}: retraining repeats the recipe that made the "
+                                "model; give --recipe FILE, or make the model with deepcut-fast finetune")
     methods = METHODS_COMPARED if methods is None else tuple(methods)
     unknown = sorted(set(methods) - set(METHODS_COMPARED))
     if unknown:
