@@ -178,7 +178,8 @@ def _fine_tuning_precision(args):
 
     if args.previous is not None:
         report = Path(args.previous) / "report.json"  # a missing one is reported by the job
-        return json.loads(report.read_text())["config"]["retrain_precision"] if report.is_file() else "fp32"
+        config = json.loads(report.read_text()).get("config", {}) if report.is_file() else {}
+        return config.get("retrain_precision", "fp32")  # reports before the option: fp32
     recipe = saved_recipe(args.model)
     return "fp32" if recipe is None else recipe.precision
 
