@@ -232,7 +232,7 @@ CONFIG_OPTIONS = {
                             "calibrated runs: most held-out accuracy may fall before a step is undone"),
     "guard_recall_drop": ("--guard-recall-drop", float,
                           "calibrated runs: most any class's held-out recall may fall before a step is undone "
-                          "(default: the request's, 0.05; mislabelled 0.10)"),
+                          "(default: the request's, 0.05; mislabelled 0.15)"),
     "steps": ("--steps", int, "most unlearning steps"),
     "gamma": ("--gamma", float, "weight of the contrastive loss against the retain cross-entropy"),
     "temperature": ("--temperature", float, "temperature of the contrastive loss"),

@@ -287,7 +287,7 @@ def test_checks_are_spaced_to_their_share_of_the_time(tok, original, heldout, sh
     assert [c["step"] for c in calibrator.state["checks"]] == list(range(0, 17, interval))
 
 
-@pytest.mark.parametrize("given, kind, bound", [(None, "mislabelled", 0.10), (None, "class", 0.05), (None, "sample", 0.05),
+@pytest.mark.parametrize("given, kind, bound", [(None, "mislabelled", 0.15), (None, "class", 0.05), (None, "sample", 0.05),
                                                 (0.02, "mislabelled", 0.02)])
 def test_guard_recall_bound_is_the_requests_unless_given(given, kind, bound):
     """Mislabelled samples get the wider recall bound; a bound the caller gives is kept."""

@@ -69,10 +69,15 @@ REQUESTS = ("auto", "class", "sample", "mislabelled")
 # labels away moves per-class recall from the mislabelled model's toward a retrained one's (BBC
 # News, 10% mislabelled, seed 0: held-out accuracy 92.5 -> 94.8% at the second check, a class's
 # recall down by more than 5 points; with 10 the run kept that check and ended at 34% of the
-# wrong labels from 92%, distance 0.100, where the 5-point bound ended it as the original).
+# wrong labels from 92%, distance 0.100, where the 5-point bound ended it as the original). With
+# steps in bf16 a class's recall moves by a few of its held-out documents from step to step: 15
+# points (BBC News, mislabelled, seeds 0-2: 0.331, 0.044, 0.041 -> 0.012, 0.055, 0.033; seed 0's
+# "tech" recall at 80% broke the 10-point bound by one of 35 documents and the run ended as the
+# original) ends no run further from retraining on the other corpora (Rotten Tomatoes seed 1
+# 0.282 -> 0.150, the rest unchanged).
 REQUEST_SETTINGS = {
     "class": dict(gamma=1.0, views=1, learning_rate=2e-4, embedding="mean", guard_recall_drop=0.05),
-    "mislabelled": dict(gamma=1.0, views=1, learning_rate=2e-4, embedding="auto", guard_recall_drop=0.10),
+    "mislabelled": dict(gamma=1.0, views=1, learning_rate=2e-4, embedding="auto", guard_recall_drop=0.15),
     "sample": dict(gamma=0.3, views=2, learning_rate=5e-5, embedding="auto", guard_recall_drop=0.05),
 }
 CLASS_TARGET = 0.02
