@@ -21,7 +21,6 @@ A failure prints one line that names the file, line or option at fault and exits
 (2 for a malformed command line); ``--debug`` shows the traceback instead.
 """
 import argparse
-import json
 import re
 import sys
 import time
@@ -91,7 +90,8 @@ def demo(args):
 
 
 def finetune(args):
-    from deepcut_fast.unlearning.compare import Recipe, finetune as run_finetune
+    from deepcut_fast.unlearning.compare import finetune as run_finetune
+    from deepcut_fast.unlearning.recipe import Recipe
     from deepcut_fast.unlearning.data import load_table
 
     recipe = Recipe(**{k: getattr(args, k) for k in ("base", "epochs", "learning_rate", "batch_size", "max_length",
@@ -106,7 +106,8 @@ def finetune(args):
 
 
 def compare(args):
-    from deepcut_fast.unlearning.compare import Recipe, markdown_table, run_compare
+    from deepcut_fast.unlearning.compare import markdown_table, run_compare
+    from deepcut_fast.unlearning.recipe import Recipe
 
     if args.task != "sequence":
         raise ValueError("compare runs on sequence classification (--task sequence)")
@@ -142,11 +143,11 @@ def _config(args):
 
 
 def unlearn(args):
-    from deepcut_fast.unlearning.job import run_unlearn_job
+    from deepcut_fast.unlearning.job import fine_tuning_precision, run_unlearn_job
 
     config = _config(args)
     if args.retrain_precision is None:
-        config = replace(config, retrain_precision=_fine_tuning_precision(args))
+        config = replace(config, retrain_precision=fine_tuning_precision(args.model, args.previous))
     if args.checkpoint_every < 1:
         raise ValueError(f"--checkpoint-every must be >= 1, got {args.checkpoint_every}")
     spec, columns = _data_options(args)
@@ -169,19 +170,6 @@ def unlearn(args):
               f"stopped: {calibration['stopped_because']}" + ("" if calibration["rewound_to_step"] is None else
               f"; ended on step {calibration['rewound_to_step']}, the check nearest the target"))
     return 0
-
-
-def _fine_tuning_precision(args):
-    """The precision retraining would repeat: the one in the model's recipe.json (finetune writes
-    it), with --previous the one the earlier run budgeted against; fp32 when neither says."""
-    from deepcut_fast.unlearning.compare import saved_recipe
-
-    if args.previous is not None:
-        report = Path(args.previous) / "report.json"  # a missing one is reported by the job
-        config = json.loads(report.read_text()).get("config", {}) if report.is_file() else {}
-        return config.get("retrain_precision", "fp32")  # reports before the option: fp32
-    recipe = saved_recipe(args.model)
-    return "fp32" if recipe is None else recipe.precision
 
 
 def audit(args):

@@ -6,8 +6,9 @@ import pytest
 import torch
 
 from deepcut_fast.cli import main
-from deepcut_fast.unlearning.compare import METHODS_COMPARED, RECIPE_FILE, REFERENCES, Recipe, fit
+from deepcut_fast.unlearning.compare import METHODS_COMPARED, REFERENCES, fit
 from deepcut_fast.unlearning.data import write_table
+from deepcut_fast.unlearning.recipe import RECIPE_FILE, Recipe
 from tiny_models import autocast_seen, bf16_cpu, tiny_bert, toy_corpus
 
 
@@ -85,9 +86,10 @@ def test_compare_retrains_and_budgets_in_the_recipe_precision(files, tmp_path):
     assert Recipe(**dict(recipe, precision="bf16")).cache_key() != Recipe(**recipe).cache_key()
 
 
-def test_unlearn_budgets_against_the_precision_the_model_was_fine_tuned_in(files, tmp_path):
+def test_unlearn_budgets_against_the_precision_the_model_was_fine_tuned_in(files, tmp_path, capsys):
     """A model that finetune made in bf16 is budgeted against a bf16 retraining, and so is a
-    further request on the run's model (which has no recipe beside it); an option given wins."""
+    further request on the run's model (which has no recipe beside it); an option given wins; an
+    earlier run's unreadable report is named."""
     model = tmp_path / "bf16-model"
     shutil.copytree(files / "original", model)
     recipe = json.loads((model / RECIPE_FILE).read_text())
@@ -104,6 +106,15 @@ def test_unlearn_budgets_against_the_precision_the_model_was_fine_tuned_in(files
     assert budgeted_precision(["--model", str(model)], tmp_path / "first", 0) == "bf16"
     assert budgeted_precision(["--previous", str(tmp_path / "first")], tmp_path / "second", 1) == "bf16"
     assert budgeted_precision(["--model", str(model)], tmp_path / "told", 2, ["--retrain-precision", "fp32"]) == "fp32"
+
+    broken = tmp_path / "broken"
+    shutil.copytree(tmp_path / "first", broken)
+    (broken / "report.json").write_text('{"config": {"retrain_precision": "bf')
+    capsys.readouterr()
+    assert main(["unlearn", "--previous", str(broken), "--data", str(files / "train.csv"), "--id-column", "id",
+                 "--forget-ids", str(tmp_path / "ids1.txt"), "--out", str(tmp_path / "after-broken")]) == 1
+    err = capsys.readouterr().err
+    assert f"{broken / 'report.json'}: not valid JSON" in err and len(err.strip().splitlines()) == 1
 
 
 def test_recipe_precision_is_checked():

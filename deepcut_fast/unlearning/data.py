@@ -72,6 +72,14 @@ def read_text(path) -> str:
                          "save the file as UTF-8") from None
 
 
+def read_json(path):
+    """A JSON file; malformed JSON is reported with its file and line."""
+    try:
+        return json.loads(read_text(path))
+    except json.JSONDecodeError as err:
+        raise ValueError(f"{path}: not valid JSON ({err.msg}, line {err.lineno})") from None
+
+
 def _rows_from_file(path: Path):
     suffix = path.suffix.lower()
     if suffix not in (".csv", ".jsonl", ".json"):

@@ -24,10 +24,11 @@ from pathlib import Path
 
 import torch
 
-from deepcut_fast.unlearning.compare import (METHODS_COMPARED, REFERENCES, Recipe, cached_model, compare_methods, fit,
+from deepcut_fast.unlearning.compare import (METHODS_COMPARED, REFERENCES, cached_model, compare_methods, fit,
                                              merged_report, write_report)
 from deepcut_fast.unlearning.data import CORPORA, TextDataset, forget_indices, split
 from deepcut_fast.unlearning.model import load_base_encoder
+from deepcut_fast.unlearning.recipe import Recipe
 from deepcut_fast.unlearning.unlearner import UnlearnConfig, accuracy, steps_for
 
 SCENARIOS = ("class", "noisy", "random")

@@ -35,10 +35,11 @@ import torch.distributed as dist
 from deepcut_fast.unlearning.audit import AUDIT_FILE, ids_hash, model_hash, new_record, read_chain, verify, write_chain
 from deepcut_fast.unlearning.evaluation import classification_metrics, evaluate, gap_to, headline, predict
 from deepcut_fast.unlearning.calibration import request_kind
-from deepcut_fast.unlearning.data import forget_indices, load_table, load_token_table
+from deepcut_fast.unlearning.data import forget_indices, load_table, load_token_table, read_json
 from deepcut_fast.unlearning.files import atomic_write_json, claimed_folder, save_model_atomically
 from deepcut_fast.unlearning.model import (adapter_base_path, is_adapter, is_decoder_only, load_classifier,
                                           resolve_embedding, save_trained)
+from deepcut_fast.unlearning.recipe import saved_recipe
 from deepcut_fast.unlearning.unlearner import (CHECKPOINT_EVERY, Checkpoint, CheckpointError, DeepCUTUnlearner,
                                               UnlearnConfig, fingerprint_differences)
 
@@ -171,7 +172,7 @@ def _previous_result(out: Path, fingerprint: dict):
     path = out / "report.json"
     if not path.exists():
         return None
-    report = json.loads(path.read_text())
+    report = read_json(path)
     differences = fingerprint_differences(report.get("fingerprint") or {}, fingerprint)
     if differences:
         raise CheckpointError(f"{out} holds the result of another run (differs in: {'; '.join(differences)}); "
@@ -186,7 +187,19 @@ def previous_run(run_dir):
     if not (run_dir / "report.json").is_file() or not (run_dir / "model").is_dir():
         raise FileNotFoundError(f"--previous {run_dir} is not a finished unlearn run (it needs report.json and model/)")
     chain = verify(run_dir)
-    return run_dir / "model", json.loads((run_dir / "report.json").read_text()), chain
+    return run_dir / "model", read_json(run_dir / "report.json"), chain
+
+
+def fine_tuning_precision(model_dir, previous=None):
+    """The precision a retraining would repeat, which the time budget is measured in: the one in
+    the model's recipe.json (finetune writes it), with ``previous`` (an earlier run's folder) the
+    one that run budgeted against; fp32 when neither says."""
+    if previous is not None:
+        report = Path(previous) / "report.json"  # a missing one is reported by the job
+        config = read_json(report).get("config", {}) if report.is_file() else {}
+        return config.get("retrain_precision", "fp32")  # reports before the option: fp32
+    recipe = saved_recipe(model_dir)
+    return "fp32" if recipe is None else recipe.precision
 
 
 def _request_sets(train, requests):
