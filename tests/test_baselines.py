@@ -125,6 +125,25 @@ def test_salun_counts_its_saliency_mask_in_the_budget(setup, monkeypatch):
     assert result.calibration["seconds"] == pytest.approx(sum(split.values()))
 
 
+def test_salun_makes_no_mask_for_a_run_without_steps(setup, monkeypatch):
+    """A run whose target is met at the start takes no step, so SalUn's mask (a pass over the
+    whole forget set) is not made: no time goes to it."""
+    from deepcut_fast.unlearning.calibration import Calibrator
+
+    tok, _, model, forget, retain = setup
+    begin = Calibrator.begin
+    monkeypatch.setattr(Calibrator, "begin", lambda self, *args: begin(self, *args) or True)  # "met at the start"
+
+    def no_mask(*args, **kwargs):
+        raise AssertionError("the saliency mask was made for a run that takes no step")
+
+    monkeypatch.setattr(baselines, "saliency_mask", no_mask)
+    result = baselines.salun(copy.deepcopy(model), tok, forget, retain, UnlearnConfig(learning_rate=1e-3),
+                             progress=False)
+    assert result.history == [] and result.calibration["stopped_because"] == "target met before the first step"
+    assert result.calibration["seconds_split"]["preparation"] == 0
+
+
 @pytest.mark.parametrize("name", ["scrub", "npo", "salun"])
 def test_work_before_the_first_step_counts_in_the_run_time(setup, monkeypatch, name):
     """SCRUB's teacher and NPO's reference (copies of the original) and SalUn's mask are made

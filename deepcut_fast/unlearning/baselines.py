@@ -94,10 +94,9 @@ def gradient_difference(model, tokenizer, forget, retain, config, progress=True,
 
 
 def random_relabel(model, tokenizer, forget, retain, config, progress=True, heldout=None, desc="random relabel",
-                   preparation_seconds=0.0):
-    """Train on the forget samples with random wrong labels, and on the retain set.
-    ``preparation_seconds``: the caller's time before the first step (SalUn's mask), which a
-    calibrated run counts in its budget."""
+                   prepare=None):
+    """Train on the forget samples with random wrong labels, and on the retain set. ``prepare``:
+    the caller's work before the first step (SalUn's mask; ``train_steps``)."""
     generator = torch.Generator().manual_seed(config.seed)
     classes = transformers_model(model).config.num_labels
 
@@ -106,7 +105,7 @@ def random_relabel(model, tokenizer, forget, retain, config, progress=True, held
         return ce, {"ce": ce.detach()}
 
     return train_steps(model, tokenizer, forget, retain, config, step, progress=progress, desc=desc,
-                       calibrator=_calibrator(tokenizer, forget, retain, heldout, config, preparation_seconds))
+                       calibrator=_calibrator(tokenizer, forget, retain, heldout, config), prepare=prepare)
 
 
 def _wrong_labels(labels, forget_mask, classes, generator):
@@ -189,14 +188,19 @@ def saliency_mask(model, tokenizer, forget, config, batch_size=32):
 def salun(model, tokenizer, forget, retain, config, progress=True, heldout=None):
     """SalUn (Fan et al. 2024): random labels on the forget samples plus CE on the retain set, as
     ``random_relabel``, updating only the salient weights (``saliency_mask``): the other
-    weights' gradients are zeroed, so that only weight decay moves them. A calibrated run counts
-    the mask's time in its budget: the mask is a pass over the whole forget set."""
-    masks, prepared = _timed(lambda: saliency_mask(model, tokenizer, forget, config))
-    hooks = [p.register_hook(lambda grad, mask=masks[n]: grad * mask)
-             for n, p in model.named_parameters() if n in masks]
+    weights' gradients are zeroed, so that only weight decay moves them. The mask, a pass over
+    the whole forget set, is made once a step will run (not when the target is met at the
+    start), and a calibrated run counts its time in its budget."""
+    hooks = []
+
+    def mask_gradients():
+        masks = saliency_mask(model, tokenizer, forget, config)
+        hooks.extend(p.register_hook(lambda grad, mask=masks[n]: grad * mask)
+                     for n, p in model.named_parameters() if n in masks)
+
     try:
         return random_relabel(model, tokenizer, forget, retain, config, progress, heldout, desc="SalUn",
-                              preparation_seconds=prepared)
+                              prepare=mask_gradients)
     finally:
         for hook in hooks:
             hook.remove()

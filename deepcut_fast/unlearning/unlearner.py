@@ -380,7 +380,8 @@ class Checkpoint:
 
 def train_steps(model, tokenizer, forget: TextDataset, retain: TextDataset, config: UnlearnConfig, step_loss,
                 steps=None, forget_batch_size=None, retain_batch_size=None, progress=True, desc="unlearn",
-                checkpoint: Optional[Checkpoint] = None, extra_state=None, calibrator: Optional[Calibrator] = None):
+                checkpoint: Optional[Checkpoint] = None, extra_state=None, calibrator: Optional[Calibrator] = None,
+                prepare=None):
     """The loop every method shares: each step draws forget and retain samples (walking seeded
     permutations), tokenises them into one batch, and takes an AdamW step on
     ``step_loss(model, inputs, labels, forget_mask) -> (loss, parts)`` (a loss without grad
@@ -389,7 +390,9 @@ def train_steps(model, tokenizer, forget: TextDataset, retain: TextDataset, conf
     ``checkpoint`` whose file exists, the run continues from it instead of starting over;
     ``extra_state`` (state_dict / load_state_dict, e.g. a RetainQueue) is saved with it.
     With a ``calibrator`` the run stops on its target, guard and time budget instead of the
-    config's fixed rule, and ``result.calibration`` reports it.
+    config's fixed rule, and ``result.calibration`` reports it. ``prepare()``: a method's work
+    before its first step (SalUn's saliency mask), done only when a step will run; a calibrated
+    run counts its time as preparation.
 
     Under torch.distributed (torchrun, accelerate launch) the model is wrapped in DDP and the
     batch sizes are global: every rank walks the same permutations and takes its share of each
@@ -456,6 +459,11 @@ def train_steps(model, tokenizer, forget: TextDataset, retain: TextDataset, conf
         stop_reason, steps = stop_reason or "nothing to train on", first - 1
     elif calibrator is None and config.stop_forget_accuracy is not None and config.stop_retain_drop is not None:
         result.retain_accuracy_before = accuracy(model, tokenizer, retain_check, config.max_length)
+    if prepare is not None and stop_reason is None and first <= steps:
+        started = time.perf_counter()
+        prepare()  # before DDP wraps the model: its backward is the method's own
+        if calibrator is not None:
+            calibrator.count_preparation(time.perf_counter() - started, on_clock=True)
     model.train()
     trained = model
     if world > 1:
