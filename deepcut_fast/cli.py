@@ -91,8 +91,8 @@ def demo(args):
 
 def finetune(args):
     from deepcut_fast.unlearning.compare import finetune as run_finetune
-    from deepcut_fast.unlearning.recipe import Recipe
     from deepcut_fast.unlearning.data import load_table
+    from deepcut_fast.unlearning.recipe import Recipe
 
     recipe = Recipe(**{k: getattr(args, k) for k in ("base", "epochs", "learning_rate", "batch_size", "max_length",
                                                     "seed", "precision") if getattr(args, k) is not None})

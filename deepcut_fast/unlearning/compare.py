@@ -40,6 +40,8 @@ from deepcut_fast.unlearning.unlearner import UnlearnConfig
 METHODS_COMPARED = ("deepcut", "finetune_retain", "gradient_ascent", "gradient_difference", "random_relabel", "scrub",
                     "salun", "npo")
 REFERENCES = ("original", "retrain", "retrain_seed2")
+
+
 def load_base(recipe: Recipe, label_names):
     """(model, tokenizer): the recipe's pretrained model with a new head for ``label_names``."""
     with quiet_loading():
