@@ -8,7 +8,6 @@ time budget, set from ``heldout`` (see the calibration module).
 fine-tuned original) and a training budget, and it learns the retain set from scratch.
 """
 import copy
-import time
 
 import torch
 import torch.nn.functional as F
@@ -19,20 +18,11 @@ from deepcut_fast.unlearning.unlearner import (DeepCUTUnlearner, UnlearnResult, 
                                               train_steps)
 
 
-def _calibrator(tokenizer, forget, retain, heldout, config, preparation_seconds=0.0):
+def _calibrator(tokenizer, forget, retain, heldout, config):
     if not config.calibrate:
         return None
     kind = request_kind(config.request, forget, retain)
-    calibrator = Calibrator(tokenizer, forget, retain, heldout, config.for_request(kind), kind)  # the request's guard
-    calibrator.count_preparation(preparation_seconds)
-    return calibrator
-
-
-def _timed(make):
-    """``make()`` and its seconds: a method's work before its first step, which a calibrated run
-    counts in its budget (``Calibrator.count_preparation``)."""
-    started = time.perf_counter()
-    return make(), time.perf_counter() - started
+    return Calibrator(tokenizer, forget, retain, heldout, config.for_request(kind), kind)  # the request's guard
 
 
 def _ce(model, inputs, labels, rows):
@@ -139,13 +129,13 @@ def scrub(model, tokenizer, forget, retain, config, progress=True, heldout=None)
     steps that push the student's forget predictions away from the teacher's (ascent on their
     KL), even steps "min" steps on the retain set: gamma * CE + alpha * KL to the teacher
     (distillation temperature 4, alpha 0.001, gamma 0.99, the public defaults)."""
-    (teacher, prepared), counter = _timed(lambda: _frozen(model)), [0]
+    teacher, counter = [], [0]  # the teacher is made once a step will run (train_steps' prepare)
 
     def step(model, inputs, labels, forget_mask):
         counter[0] += 1
         logits = model(**inputs).logits
         with torch.no_grad():
-            taught = teacher(**inputs).logits
+            taught = teacher[0](**inputs).logits
         rows = forget_mask if counter[0] % 2 else ~forget_mask
         kl = _kl_to(taught[rows], logits[rows], SCRUB_TEMPERATURE).mean()
         if counter[0] % 2:
@@ -154,7 +144,8 @@ def scrub(model, tokenizer, forget, retain, config, progress=True, heldout=None)
         return SCRUB_GAMMA * ce + SCRUB_ALPHA * kl, {"ce": ce.detach(), "retain_kl": kl.detach()}
 
     return train_steps(model, tokenizer, forget, retain, config, step, progress=progress, desc="SCRUB",
-                       calibrator=_calibrator(tokenizer, forget, retain, heldout, config, prepared))
+                       calibrator=_calibrator(tokenizer, forget, retain, heldout, config),
+                       prepare=lambda: teacher.append(_frozen(model)))
 
 
 SALUN_SHARE = 0.5  # of the weights, those with the largest forget-loss gradients
@@ -214,7 +205,7 @@ def npo(model, tokenizer, forget, retain, config, progress=True, heldout=None):
     -(2 / beta) log sigmoid(beta * (CE_model - CE_reference)), with the original as the frozen
     reference (beta 0.1): a bounded push away from the forget labels, unlike gradient ascent;
     plus CE on the retain samples."""
-    reference, prepared = _timed(lambda: _frozen(model))
+    reference = []  # made once a step will run (train_steps' prepare)
 
     def step(model, inputs, labels, forget_mask):
         logits = model(**inputs).logits
@@ -222,14 +213,15 @@ def npo(model, tokenizer, forget, retain, config, progress=True, heldout=None):
             ce = cross_entropy(logits, labels)
             return ce, {"ce": ce.detach()}
         with torch.no_grad():
-            reference_ce = _sample_ce(reference(**inputs).logits[forget_mask], labels[forget_mask])
+            reference_ce = _sample_ce(reference[0](**inputs).logits[forget_mask], labels[forget_mask])
         margin = _sample_ce(logits[forget_mask], labels[forget_mask]) - reference_ce
         preference = -(2 / NPO_BETA) * F.logsigmoid(NPO_BETA * margin).mean()
         ce = cross_entropy(logits[~forget_mask], labels[~forget_mask])
         return preference + ce, {"npo": preference.detach(), "ce": ce.detach()}
 
     return train_steps(model, tokenizer, forget, retain, config, step, progress=progress, desc="NPO",
-                       calibrator=_calibrator(tokenizer, forget, retain, heldout, config, prepared))
+                       calibrator=_calibrator(tokenizer, forget, retain, heldout, config),
+                       prepare=lambda: reference.append(_frozen(model)))
 
 
 def _sample_ce(logits, labels):

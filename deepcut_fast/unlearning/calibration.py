@@ -34,9 +34,9 @@ of one epoch of retraining on the retain set (a step of cross-entropy on a retai
 after the start's predictions, times the batches in the retain set); the first step runs
 whatever the budget (on the 2016 debates, 14 retraining steps an epoch, the probe and the start's
 predictions leave no room for one). A method's work before its first step (SalUn's saliency
-mask, made only once a step will run) counts in the run's time too (``count_preparation``). The
-report splits the run's time into that preparation, the probe, the checks and the steps
-(``seconds_split``).
+mask, SCRUB's teacher; made only once a step will run) counts in the run's time too
+(``count_preparation``). The report splits the run's time into that preparation, the probe, the
+checks and the steps (``seconds_split``).
 
 A run never ends further from its target than it started: it ends on the guarded state (the
 start included) that came nearest the target, the sum of the figures' excesses over their
@@ -278,12 +278,10 @@ class Calibrator:
         return False
 
     # -- the run -----------------------------------------------------------------------------
-    def count_preparation(self, seconds, on_clock=False):
+    def count_preparation(self, seconds):
         """Time a method spent on this request before its first step (SCRUB's teacher, SalUn's
-        saliency mask) counts in the run's time, and so in its budget, as the steps and checks
-        do. ``on_clock``: the work ran after ``start_clock``, so the clock has it already."""
-        if not on_clock:
-            self.state["elapsed"] += seconds
+        saliency mask; ``train_steps``' prepare, after ``start_clock``): on the run's clock, and
+        so in its budget, as the steps and checks are; kept apart for ``seconds_split``."""
         self.state["preparation_seconds"] += seconds
 
     def start_clock(self):

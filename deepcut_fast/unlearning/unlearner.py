@@ -393,8 +393,8 @@ def train_steps(model, tokenizer, forget: TextDataset, retain: TextDataset, conf
     ``extra_state`` (state_dict / load_state_dict, e.g. a RetainQueue) is saved with it.
     With a ``calibrator`` the run stops on its target, guard and time budget instead of the
     config's fixed rule, and ``result.calibration`` reports it. ``prepare()``: a method's work
-    before its first step (SalUn's saliency mask), done only when a step will run; a calibrated
-    run counts its time as preparation.
+    before its first step (SCRUB's teacher, NPO's reference, SalUn's saliency mask), done only
+    when a step will run; a calibrated run counts its time as preparation.
 
     Under torch.distributed (torchrun, accelerate launch) the model is wrapped in DDP and the
     batch sizes are global: every rank walks the same permutations and takes its share of each
@@ -465,7 +465,7 @@ def train_steps(model, tokenizer, forget: TextDataset, retain: TextDataset, conf
         started = time.perf_counter()
         prepare()  # before DDP wraps the model: its backward is the method's own
         if calibrator is not None:
-            calibrator.count_preparation(time.perf_counter() - started, on_clock=True)
+            calibrator.count_preparation(time.perf_counter() - started)
     model.train()
     trained = model
     if world > 1:
