@@ -168,14 +168,17 @@ def scripted_checks(monkeypatch, forget_accuracies, breaks=None):
     monkeypatch.setattr(Calibrator, "measure", scripted)
 
 
-@pytest.mark.parametrize("breaks, steps, undone", [((True, False), 4, []), ((True, True), 2, [2, 2]),
-                                                   ((False, True, True), 4, [4, 4])])
-def test_a_dip_in_the_guard_gets_one_interval_to_recover(tok, original, heldout, monkeypatch, breaks, steps, undone):
-    """A broken guard followed by an intact one keeps every step; a break at the last check (no
-    interval left to recover in) is undone at once when the point halfway back breaks it too."""
+@pytest.mark.parametrize("breaks, steps, undone, mean_broke", [((True, True, False), 4, [], [2]),
+                                                               ((True, True, True), 2, [2, 2], [2]),
+                                                               ((False, True, True, True), 4, [4, 4], [4])])
+def test_a_dip_in_the_guard_gets_one_interval_to_recover(tok, original, heldout, monkeypatch, breaks, steps, undone,
+                                                         mean_broke):
+    """A broken guard (the mean of the steps' weights too) followed by an intact one keeps every
+    step; a break at the last check (no interval left to recover in) is undone at once when the
+    point halfway back breaks it too."""
     data, state = original
     forget, retain = data.partition(forget_indices(data, forget_class="tech"))
-    scripted_checks(monkeypatch, (0.9, 0.8, 0.7, 0.6), breaks)  # each check nearer the target
+    scripted_checks(monkeypatch, (0.9, 0.8, 0.7, 0.6, 0.5), breaks)  # each check nearer the target
     cfg = UnlearnConfig(learning_rate=1e-4, budget=NO_TIME_LIMIT, steps=steps, max_length=32, check_time_share=None)
     result = DeepCUTUnlearner(model_from(state, data, tok), tok, cfg).unlearn(forget, retain, progress=False,
                                                                               heldout=heldout)
@@ -183,6 +186,7 @@ def test_a_dip_in_the_guard_gets_one_interval_to_recover(tok, original, heldout,
     assert [c["step"] for c in report["checks"] if c.get("undone")] == undone
     assert [c["step"] for c in report["checks"] if c.get("halfway")] == undone[1:]
     assert report["undone_checks"] == (1 if undone else 0) and len(result.history) == steps
+    assert [c["step"] for c in report["checks"] if c.get("mean_broke_guard")] == mean_broke
     kept = max({0, 2, 4} - set(undone) - {s for s in (2, 4) if s > steps})
     assert report["final"]["step"] == kept
     assert same_weights(result.model, state) == (kept == 0)
@@ -193,7 +197,7 @@ def run_two_steps(tok, original, heldout, monkeypatch, breaks, budget=NO_TIME_LI
     given) whose checks read ``breaks``; (result, its report)."""
     data, state = original
     forget, retain = data.partition(forget_indices(data, forget_class="tech"))
-    scripted_checks(monkeypatch, (0.9, 0.8, 0.7), breaks)
+    scripted_checks(monkeypatch, (0.9, 0.8, 0.7, 0.6), breaks)
     if stop_after is not None:
         monkeypatch.setattr(Calibrator, "out_of_time", lambda self, seconds, taken: taken >= stop_after)
     cfg = UnlearnConfig(learning_rate=1e-4, budget=budget, steps=2 if stop_after is None else 10, max_length=32,
@@ -210,10 +214,10 @@ def test_a_last_check_that_breaks_the_guard_keeps_the_point_halfway_back_if_it_p
     the point halfway between it and the start passes: the run ends there, with the mean of the
     two states' weights."""
     data, state = original
-    result, report = run_two_steps(tok, original, heldout, monkeypatch, (True, False), stop_after=stop_after)
+    result, report = run_two_steps(tok, original, heldout, monkeypatch, (True, True, False), stop_after=stop_after)
     assert [(c["step"], bool(c.get("halfway")), bool(c.get("undone"))) for c in report["checks"]] == \
         [(0, False, False), (2, False, True), (2, True, False)]
-    assert report["final"]["halfway"] and report["final"]["forget_accuracy"] == 0.7
+    assert report["final"]["halfway"] and report["final"]["forget_accuracy"] == 0.6
     two_steps = run_two_steps(tok, original, heldout, monkeypatch, (False,))[0].model.state_dict()
     for name, p in result.model.named_parameters():
         assert torch.allclose(p, (state[name] + two_steps[name]) / 2, atol=1e-6), name
@@ -223,7 +227,7 @@ def test_a_run_that_ends_in_a_dip_ends_on_its_last_good_state(tok, original, hel
     """The budget ends the run right after a check that broke the guard, and the point halfway
     back breaks it too: the steps are undone."""
     data, state = original
-    result, report = run_two_steps(tok, original, heldout, monkeypatch, (True, True), stop_after=2)
+    result, report = run_two_steps(tok, original, heldout, monkeypatch, (True, True, True), stop_after=2)
     assert report["stopped_because"] == "budget" and len(result.history) == 2
     assert [(c["step"], bool(c.get("dip")), bool(c.get("undone"))) for c in report["checks"]] == \
         [(0, False, False), (2, True, True), (2, False, True)]
@@ -260,6 +264,72 @@ def test_run_ends_on_the_check_nearest_its_target(tok, original, heldout, monkey
     stopped_there = run(script[:ends_on // 2 + 1], ends_on).model if ends_on else model_from(state, data, tok)
     assert same_weights(result.model, stopped_there.state_dict())
     assert not same_weights(result.model, model_from(state, data, tok).state_dict()) or ends_on == 0
+
+
+def recorded_run(tok, original, heldout, monkeypatch, steps, breaks):
+    """A class request's run of ``steps``, its checks every two steps reading ``breaks`` (and forget accuracies
+    nearer the target each time): (result, the weights after each step, the weights each check measured)."""
+    data, state = original
+    forget, retain = data.partition(forget_indices(data, forget_class="tech"))
+    scripted_checks(monkeypatch, [0.9 - 0.1 * i for i in range(8)], breaks)
+    after_steps, measured = [], []
+    after_step, measure = Calibrator.after_step, Calibrator.measure
+
+    def weights(model):
+        return {n: p.detach().clone() for n, p in model.named_parameters()}
+
+    def recording_after_step(self, step, model, *args, **kwargs):
+        after_steps.append(weights(model))
+        return after_step(self, step, model, *args, **kwargs)
+
+    def recording_measure(self, model, *made):
+        measured.append(weights(model))
+        return measure(self, model, *made)
+
+    monkeypatch.setattr(Calibrator, "after_step", recording_after_step)
+    monkeypatch.setattr(Calibrator, "measure", recording_measure)
+    cfg = UnlearnConfig(learning_rate=1e-3, budget=NO_TIME_LIMIT, steps=steps, max_length=32, check_time_share=None)
+    result = DeepCUTUnlearner(model_from(state, data, tok), tok, cfg).unlearn(forget, retain, progress=False,
+                                                                              heldout=heldout)
+    return result, after_steps, measured
+
+
+def mean_weights(weights):
+    return {n: sum(w[n] for w in weights) / len(weights) for n in weights[0]}
+
+
+def close_weights(a, b):
+    return all(torch.allclose(a[n], b[n], atol=1e-6) for n in a)
+
+
+@pytest.mark.parametrize("steps, breaks, mean_of", [
+    (2, (True, False), slice(0, 2)),  # at the last check
+    (4, (False, True, False), slice(2, 4)),  # after the state kept at step 2
+    (4, (True, True, True, False), slice(2, 4)),  # after a dip at step 2
+    (6, (True, True, True, True, True, False), slice(4, 6)),  # after step 4 restored the start
+])
+def test_a_check_that_breaks_the_guard_keeps_the_mean_of_the_steps_since_the_last_check(
+        tok, original, heldout, monkeypatch, steps, breaks, mean_of):
+    """The weights a check measures break the guard, the mean of the weights after each step since the last check
+    passes it: the run keeps the mean (here it ends on it)."""
+    result, after_steps, measured = recorded_run(tok, original, heldout, monkeypatch, steps, breaks)
+    report = result.calibration
+    assert report["final"]["step"] == steps and report["final"]["mean_of_steps"]
+    assert [c["step"] for c in report["checks"] if c.get("undone")][-1] == steps  # the steps' last weights
+    assert close_weights(measured[-1], mean_weights(after_steps[mean_of]))
+    assert close_weights(dict(result.model.named_parameters()), measured[-1])
+
+
+def test_the_run_goes_on_from_the_mean_it_keeps(tok, original, heldout, monkeypatch):
+    """Steps 1-2 are the same with or without a broken guard at step 2; step 3 starts from their mean when the mean
+    was kept, and the check at step 4 measures the weights themselves again."""
+    result, after_steps, measured = recorded_run(tok, original, heldout, monkeypatch, 4, (True, False, False))
+    assert [(c["step"], bool(c.get("mean_of_steps"))) for c in result.calibration["checks"]] == \
+        [(0, False), (2, False), (2, True), (4, False)]
+    assert close_weights(measured[-1], after_steps[-1])
+    _, plain_steps, _ = recorded_run(tok, original, heldout, monkeypatch, 4, (False, False))
+    assert all(close_weights(a, b) for a, b in zip(after_steps[:2], plain_steps[:2]))
+    assert not close_weights(after_steps[2], plain_steps[2])
 
 
 @pytest.mark.parametrize("share, check_steps, budget_steps, interval", [

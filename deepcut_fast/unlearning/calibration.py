@@ -22,10 +22,13 @@ class request, of the other classes) accuracy may not fall more than ``guard_acc
 below its value before the first step, nor any remaining class's recall more than
 ``guard_recall_drop`` below its own (which also catches a collapse toward a majority class); a
 change must pass its bound by more than one standard error of the paired change (samples lost
-and gained since the start), so that noise does not stop a run. A check that breaks the guard
-gets one more check interval to recover (the retain cross-entropy repairs a passing dip: on BBC
-News, whole class, seed 0, the other classes' held-out accuracy was 6 points down at step 2 and
-back at step 4, the target met); if the next check breaks it too, the steps since the last good
+and gained since the start), so that noise does not stop a run. When a check breaks the guard,
+the mean of the weights after each step since the last check is measured too, and kept if it
+passes: the run goes on from it (``Calibrator._average_instead``; single steps swing a binary
+classifier between its classes). Otherwise the check gets one more check interval to recover (the
+retain cross-entropy repairs a passing dip: on BBC News, whole class, seed 0, the other classes'
+held-out accuracy was 6 points down at step 2 and back at step 4, the target met); if the next
+check breaks it too, the steps since the last good
 check are undone and the learning rate halved; the third time, the run stops. When no step
 follows a check that breaks the guard, the point halfway back to the last good state is checked
 if the budget allows, and kept if it passes (``Calibrator._settle``). The run also stops when the
@@ -187,7 +190,8 @@ class Calibrator:
         self.retain_size = len(retain)
         self.state = dict(elapsed=0.0, undos=0, last_good=None, best=None, start=None, target=None,
                           epoch_seconds=None, checks=[], focus=None, probe_seconds=0.0, check_seconds=0.0,
-                          check_estimate=0.0, interval=None, preparation_seconds=0.0)
+                          check_estimate=0.0, interval=None, preparation_seconds=0.0, average=None,
+                          averaged_steps=0)
 
     # -- measuring ---------------------------------------------------------------------------
     def _predict(self, model, data):
@@ -371,6 +375,7 @@ class Calibrator:
         step's ``step_seconds`` sizes the interval."""
         if self.state["interval"] is None and step_seconds is not None:
             self._size_interval(step_seconds)
+        self._update_average(model)
         due = step >= SAMPLE_STEPS_WITHOUT_HELDOUT if not self.state["target"].measurable else step % self.interval() == 0
         if not (due or last):
             return None
@@ -386,14 +391,32 @@ class Calibrator:
         finally:
             self.state["check_seconds"] += time.perf_counter() - measuring
 
+    def _update_average(self, model):
+        """Fold the weights after a step into their mean over the steps since the last check
+        (``_average_instead``)."""
+        self.state["averaged_steps"] += 1
+        with torch.no_grad():
+            if self.state["average"] is None:
+                self.state["average"] = {n: p.detach().clone() for n, p in _trained(model)}
+            else:
+                for n, p in _trained(model):
+                    self.state["average"][n].lerp_(p.detach(), 1 / self.state["averaged_steps"])
+
+    def _reset_average(self):
+        self.state.update(average=None, averaged_steps=0)
+
     def _check(self, step, model, optimizer, last):
-        """Measure, then keep the steps since the last check, or (guard broken) wait one more
-        interval for them to recover, or undo them (at the ``last`` check: ``_settle``)."""
+        """Measure, then keep the steps since the last check; or (guard broken) keep the mean of
+        their weights if it passes (``_average_instead``), else wait one more interval for them
+        to recover, or undo them (at the ``last`` check: ``_settle``)."""
         figures = self.measure(model)
         check = dict(step=step, **_flat(figures))
         in_dip = self._in_dip()
         self.state["checks"].append(check)
         if self._guard_broken(figures):
+            figures = self._average_instead(step, model, check)
+        self._reset_average()  # the next check's mean is of the steps after this one
+        if figures is None:
             if last:
                 return self._settle(step, model, optimizer)
             if not in_dip:
@@ -413,11 +436,37 @@ class Calibrator:
             return "steps"
         return "steps" if last else None
 
+    def _average_instead(self, step, model, check):
+        """The weights after the steps since the last check broke the guard at ``check``:
+        measure their mean over those steps instead (when one more check fits in the budget).
+        Single steps swing a binary classifier between its classes (Rotten Tomatoes, 10%
+        mislabelled, seed 2, a check after every step: held-out recall of "fresh" 61, 96, 97, 91,
+        70% after steps 2-6, 73% at the start; of "rotten" 86, 36, 32, 51, 75%, 87% at the
+        start), which breaks the guard wherever a check lands on a swing. In that run the weights
+        at step 12 broke it ("rotten" 67%), the mean of steps 7-12 passed (81 and 70%), and the
+        run ended 0.166 from retraining, where undoing the steps had left the original (0.320).
+        If the mean passes, the run keeps it and goes on from it: its figures; else the weights
+        are as they were: None."""
+        average = self.state["average"]
+        if average is None or self.state["averaged_steps"] < 2 or \
+                self.elapsed() + self.state["check_estimate"] > self._budget_seconds():
+            return None
+        _swap_params(model, average)
+        figures = self.measure(model)
+        if self._guard_broken(figures):
+            _swap_params(model, average)
+            check["mean_broke_guard"] = True
+            return None
+        check["undone"] = True  # the steps' last weights give way to their mean
+        self.state["checks"].append(dict(step=step, mean_of_steps=True, **_flat(figures)))
+        return figures
+
     def conclude(self, step, model, optimizer):
         """The budget stopped the run after ``step``: check that step if no check has (its steps
         are undone if it breaks the guard), and settle a dip the run ends in (``_settle``)."""
         if self.state["checks"][-1]["step"] != step:
-            self.after_step(step, model, optimizer, last=True)
+            with self._timed_as_check():
+                self._check(step, model, optimizer, last=True)
         elif self._in_dip():
             with self._timed_as_check():
                 self._settle(step, model, optimizer)
@@ -495,7 +544,7 @@ class Calibrator:
         shortfall, best = self._shortfall(figures), self.state["best"]
         self.state["last_good"] = dict(
             step=self.state["checks"][-1]["step"], shortfall=shortfall, optimizer=copy.deepcopy(optimizer.state_dict()),
-            params={n: p.detach().to("cpu", copy=True) for n, p in model.named_parameters() if p.requires_grad})
+            params={n: p.detach().to("cpu", copy=True) for n, p in _trained(model)})
         if shortfall is not None and (best is None or shortfall < best["shortfall"]):
             self.state["best"] = self.state["last_good"]
 
@@ -513,6 +562,22 @@ class Calibrator:
     def load_state_dict(self, state):
         self.state = {**self.state, **state}  # a checkpoint's state may predate a key
         self.start_clock()
+
+
+def _trained(model):
+    """(name, parameter) of the weights a run trains (a PEFT model's adapter, or all)."""
+    return [(n, p) for n, p in model.named_parameters() if p.requires_grad]
+
+
+def _swap_params(model, other):
+    """Exchange ``model``'s weights with the tensors of ``other`` (by name), in place: a
+    tensor's worth of memory at a time."""
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            if name in other:
+                own = p.detach().clone()
+                p.copy_(other[name])
+                other[name].copy_(own)
 
 
 def _load_params(model, saved, halfway=False):
