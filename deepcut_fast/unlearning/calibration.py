@@ -23,13 +23,13 @@ below its value before the first step, nor any remaining class's recall more tha
 ``guard_recall_drop`` below its own (which also catches a collapse toward a majority class); a
 change must pass its bound by more than one standard error of the paired change (samples lost
 and gained since the start), so that noise does not stop a run. When a check breaks the guard,
-the mean of the weights after each step since the last check is measured too, and kept if it
-passes: the run goes on from it (``Calibrator._average_instead``; single steps swing a binary
-classifier between its classes). Otherwise the check gets one more check interval to recover (the
-retain cross-entropy repairs a passing dip: on BBC News, whole class, seed 0, the other classes'
-held-out accuracy was 6 points down at step 2 and back at step 4, the target met); if the next
-check breaks it too, the steps since the last good
-check are undone and the learning rate halved; the third time, the run stops. When no step
+the mean of the weights after each step since the last check is measured too (if the budget
+allows), and kept if it passes: the run goes on from it (``Calibrator._average_instead``; single
+steps swing a binary classifier between its classes). Otherwise the check gets one more check
+interval to recover (the retain cross-entropy repairs a passing dip: on BBC News, whole class,
+seed 0, the other classes' held-out accuracy was 6 points down at step 2 and back at step 4, the
+target met); if the next check breaks it too, the steps since the last good check are undone and
+the learning rate halved; the third time, the run stops. When no step
 follows a check that breaks the guard, the point halfway back to the last good state is checked
 if the budget allows, and kept if it passes (``Calibrator._settle``). The run also stops when the
 target is met, or when its time (checks included) would pass ``budget`` times the estimated time
