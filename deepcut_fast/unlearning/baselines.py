@@ -13,7 +13,7 @@ import torch
 import torch.nn.functional as F
 
 from deepcut_fast.unlearning.calibration import Calibrator, request_kind
-from deepcut_fast.unlearning.model import encode_labelled, transformers_model
+from deepcut_fast.unlearning.model import encode_labelled, trained_parameters, transformers_model
 from deepcut_fast.unlearning.unlearner import (DeepCUTUnlearner, UnlearnResult, cross_entropy, steps_for,
                                               train_steps)
 
@@ -155,7 +155,7 @@ def saliency_mask(model, tokenizer, forget, config, batch_size=32):
     """SalUn's weight saliency: {parameter: bool mask} of the SALUN_SHARE of the trainable
     weights that the cross-entropy over the whole forget set reaches (non-zero gradient), those
     with the largest |gradient|."""
-    params = {n: p for n, p in model.named_parameters() if p.requires_grad}
+    params = dict(trained_parameters(model))
     model.zero_grad(set_to_none=True)
     device = next(model.parameters()).device
     was_training = model.training

@@ -62,7 +62,8 @@ import torch
 import torch.nn.functional as F
 
 from deepcut_fast.unlearning.evaluation import classification_metrics, loss_mia_auc, predict
-from deepcut_fast.unlearning.model import PRECISIONS, autocast_to, encode_labelled, resolve_precision
+from deepcut_fast.unlearning.model import (PRECISIONS, autocast_to, encode_labelled, resolve_precision,
+                                          trained_parameters)
 
 REQUESTS = ("auto", "class", "sample", "mislabelled")
 # DeepCUT's settings per request, chosen on BBC News only (benchmarks/results/unlearning-study):
@@ -190,8 +191,7 @@ class Calibrator:
         self.retain_size = len(retain)
         self.state = dict(elapsed=0.0, undos=0, last_good=None, best=None, start=None, target=None,
                           epoch_seconds=None, checks=[], focus=None, probe_seconds=0.0, check_seconds=0.0,
-                          check_estimate=0.0, interval=None, preparation_seconds=0.0, average=None,
-                          averaged_steps=0)
+                          check_estimate=0.0, interval=None, preparation_seconds=0.0, average=None)
 
     # -- measuring ---------------------------------------------------------------------------
     def _predict(self, model, data):
@@ -375,7 +375,7 @@ class Calibrator:
         step's ``step_seconds`` sizes the interval."""
         if self.state["interval"] is None and step_seconds is not None:
             self._size_interval(step_seconds)
-        self._update_average(model)
+        self._update_average(step, model)
         due = step >= SAMPLE_STEPS_WITHOUT_HELDOUT if not self.state["target"].measurable else step % self.interval() == 0
         if not (due or last):
             return None
@@ -391,19 +391,16 @@ class Calibrator:
         finally:
             self.state["check_seconds"] += time.perf_counter() - measuring
 
-    def _update_average(self, model):
-        """Fold the weights after a step into their mean over the steps since the last check
+    def _update_average(self, step, model):
+        """Fold the weights after ``step`` into their mean over the steps since the last check
         (``_average_instead``)."""
-        self.state["averaged_steps"] += 1
+        count = step - self.state["checks"][-1]["step"]
         with torch.no_grad():
-            if self.state["average"] is None:
-                self.state["average"] = {n: p.detach().clone() for n, p in _trained(model)}
+            if self.state["average"] is None or count == 1:
+                self.state["average"] = {n: p.detach().clone() for n, p in trained_parameters(model)}
             else:
-                for n, p in _trained(model):
-                    self.state["average"][n].lerp_(p.detach(), 1 / self.state["averaged_steps"])
-
-    def _reset_average(self):
-        self.state.update(average=None, averaged_steps=0)
+                for n, p in trained_parameters(model):
+                    self.state["average"][n].lerp_(p.detach(), 1 / count)
 
     def _check(self, step, model, optimizer, last):
         """Measure, then keep the steps since the last check; or (guard broken) keep the mean of
@@ -415,7 +412,7 @@ class Calibrator:
         self.state["checks"].append(check)
         if self._guard_broken(figures):
             figures = self._average_instead(step, model, check)
-        self._reset_average()  # the next check's mean is of the steps after this one
+        self.state["average"] = None  # the next check's mean is of the steps after this one
         if figures is None:
             if last:
                 return self._settle(step, model, optimizer)
@@ -447,8 +444,8 @@ class Calibrator:
         run ended 0.166 from retraining, where undoing the steps had left the original (0.320).
         If the mean passes, the run keeps it and goes on from it: its figures; else the weights
         are as they were: None."""
-        average = self.state["average"]
-        if average is None or self.state["averaged_steps"] < 2 or \
+        average, averaged_steps = self.state["average"], step - self.state["checks"][-2]["step"]
+        if average is None or averaged_steps < 2 or \
                 self.elapsed() + self.state["check_estimate"] > self._budget_seconds():
             return None
         _swap_params(model, average)
@@ -544,7 +541,7 @@ class Calibrator:
         shortfall, best = self._shortfall(figures), self.state["best"]
         self.state["last_good"] = dict(
             step=self.state["checks"][-1]["step"], shortfall=shortfall, optimizer=copy.deepcopy(optimizer.state_dict()),
-            params={n: p.detach().to("cpu", copy=True) for n, p in _trained(model)})
+            params={n: p.detach().to("cpu", copy=True) for n, p in trained_parameters(model)})
         if shortfall is not None and (best is None or shortfall < best["shortfall"]):
             self.state["best"] = self.state["last_good"]
 
@@ -562,11 +559,6 @@ class Calibrator:
     def load_state_dict(self, state):
         self.state = {**self.state, **state}  # a checkpoint's state may predate a key
         self.start_clock()
-
-
-def _trained(model):
-    """(name, parameter) of the weights a run trains (a PEFT model's adapter, or all)."""
-    return [(n, p) for n, p in model.named_parameters() if p.requires_grad]
 
 
 def _swap_params(model, other):

@@ -58,6 +58,12 @@ def is_decoder_only(model) -> bool:
     return kind in MODEL_FOR_CAUSAL_LM_MAPPING_NAMES and kind not in MODEL_FOR_MASKED_LM_MAPPING_NAMES
 
 
+def trained_parameters(model):
+    """(name, parameter) of the weights a run trains: a PEFT model's adapter (and the modules it
+    saves), or every weight of a full model."""
+    return [(n, p) for n, p in model.named_parameters() if p.requires_grad]
+
+
 def set_activation_checkpointing(model, on: bool):
     """Gradient (activation) checkpointing on or off, non-reentrant: it works with frozen
     embeddings (adapters) and replays each dropout mask. transformers 5 renamed the methods."""

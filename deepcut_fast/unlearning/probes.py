@@ -22,7 +22,7 @@ import torch
 import torch.nn.functional as F
 
 from deepcut_fast.unlearning.evaluation import SETS, classification_metrics, predict
-from deepcut_fast.unlearning.model import encode_labelled
+from deepcut_fast.unlearning.model import encode_labelled, trained_parameters
 
 KNN_NEIGHBOURS = 5
 RELEARN_SHARE, RELEARN_MIN, RELEARN_MAX = 0.1, 4, 64  # of the forget set: the samples relearnt
@@ -109,7 +109,7 @@ def relearn_curve(model, tokenizer, forget, steps=RELEARN_STEPS, learning_rate=R
     model = copy.deepcopy(model)
     device = next(model.parameters()).device
     inputs, labels = encode_labelled(tokenizer, learnt.texts, learnt.labels, max_length, device)
-    optimizer = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=learning_rate)
+    optimizer = torch.optim.AdamW([p for _, p in trained_parameters(model)], lr=learning_rate)
     torch.manual_seed(seed)
 
     def accuracy():

@@ -25,7 +25,7 @@ from deepcut_fast.unlearning.data import TextDataset
 from deepcut_fast.unlearning.files import atomic_write, fault_point
 from deepcut_fast.unlearning.model import (EMBEDDINGS, PRECISION_CHOICES, PRECISIONS, autocast_to, embed,
                                           encode_labelled, is_decoder_only, resolve_embedding, resolve_precision,
-                                          set_activation_checkpointing)
+                                          set_activation_checkpointing, trained_parameters)
 
 
 def steps_for(epochs, size, batch_size):
@@ -412,8 +412,7 @@ def train_steps(model, tokenizer, forget: TextDataset, retain: TextDataset, conf
     device = next(model.parameters()).device
     generator = torch.Generator().manual_seed(config.seed)
     torch.manual_seed(config.seed)  # dropout masks
-    # only what trains: a PEFT model's adapter (and the modules it saves), or every weight
-    optimizer = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=config.learning_rate)
+    optimizer = torch.optim.AdamW([p for _, p in trained_parameters(model)], lr=config.learning_rate)
     precision = resolve_precision(config.precision, device)
     scaler = torch.amp.GradScaler(device.type, enabled=precision == "fp16")  # fp16 gradients underflow
     if config.gradient_checkpointing:
