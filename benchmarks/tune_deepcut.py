@@ -10,7 +10,7 @@ setting with the scenario's own figures, test F1, the distance to the retrained 
 seconds, the time ratio to retraining (timed by a short probe in this run, as the study does),
 and the calibration: its target, whether it was met, why the run stopped, and its checks as
 (step, forget accuracy, membership AUC, held-out accuracy, [each class's held-out recall], undone, [what else
-the check was: a dip, halfway back, the mean of the steps, a mean that broke the guard]).
+the check was: a dip, halfway back, the mean of the steps (with the last good state), a mean that broke the guard]).
 """
 import argparse
 import copy
@@ -84,7 +84,8 @@ def calibration_summary(calibration):
         return {}
     checks = [(c["step"], round(c["forget_accuracy"], 3), round(c.get("mia_auc", float("nan")), 3),
                round(c["guard_accuracy"], 3), [round(v, 2) for k, v in c.items() if k.startswith("recall/")],
-               bool(c.get("undone")), [k for k in ("dip", "halfway", "mean_of_steps", "mean_broke_guard") if c.get(k)])
+               bool(c.get("undone")),
+               [k for k in ("dip", "halfway", "mean_of_steps", "with_last_good", "mean_broke_guard") if c.get(k)])
               for c in calibration["checks"]]
     return dict(aim=calibration["aim"], met=calibration["met"], stopped=calibration["stopped_because"], checks=checks,
                 seconds_split={k: round(v, 1) for k, v in calibration["seconds_split"].items()},

@@ -1,5 +1,6 @@
 """The self-calibrating run (calibration module) on a tiny BERT that memorised a toy corpus: the
 request found from the data, the target, the guard that undoes steps, the time budget, resume."""
+import math
 import random
 
 import numpy as np
@@ -317,6 +318,20 @@ def test_a_check_that_breaks_the_guard_keeps_the_mean_of_the_steps_since_the_las
     assert report["final"]["step"] == steps and report["final"]["mean_of_steps"]
     assert [c["step"] for c in report["checks"] if c.get("undone")][-1] == steps  # the steps' last weights
     assert close_weights(measured[-1], mean_weights(after_steps[mean_of]))
+    assert close_weights(dict(result.model.named_parameters()), measured[-1])
+
+
+def test_at_the_last_check_the_budget_holds_the_mean_includes_the_last_good_state(tok, original, heldout,
+                                                                                 monkeypatch):
+    """Room for one more check only, after a check that broke the guard: no point halfway back could follow a mean
+    that breaks it too, so the one state measured is the mean of the start and the two steps' weights."""
+    monkeypatch.setattr(Calibrator, "_budget_seconds", lambda self: math.inf if len(self.state["checks"]) < 2
+                        else self.elapsed() + 1.5 * self.state["check_estimate"])
+    result, after_steps, measured = recorded_run(tok, original, heldout, monkeypatch, 2, (True, False))
+    final = result.calibration["final"]
+    assert final["step"] == 2 and final["mean_of_steps"] and final["with_last_good"]
+    assert close_weights(measured[-1], mean_weights([measured[0]] + after_steps))
+    assert not close_weights(measured[-1], mean_weights(after_steps))
     assert close_weights(dict(result.model.named_parameters()), measured[-1])
 
 
