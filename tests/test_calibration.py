@@ -267,6 +267,27 @@ def test_run_ends_on_the_check_nearest_its_target(tok, original, heldout, monkey
     assert not same_weights(result.model, model_from(state, data, tok).state_dict()) or ends_on == 0
 
 
+@pytest.mark.parametrize("script, checked_at, stopped", [
+    ((0.9, 0.06, 0.01), [0, 4, 5], "target met"),  # 0.22 a step: 2% reached at step 5, where the check finds it
+    ((0.9, 0.06, 0.03, 0.01), [0, 4, 5, 8], "target met"),  # the early check misses it: the next is the regular one
+    ((0.9, 0.5, 0.4), [0, 4, 8], "steps"),  # 0.1 a step: 5 more steps, not before the regular check
+])
+def test_a_class_request_checks_early_where_the_fall_of_its_accuracy_meets_the_target(
+        tok, original, heldout, monkeypatch, script, checked_at, stopped):
+    """Checks every 4 steps; a kept check whose forget accuracy fell fast enough since the last one that, in a
+    straight line, it reaches the 2% target before the next check adds one check at that step."""
+    data, state = original
+    forget, retain = data.partition(forget_indices(data, forget_class="tech"))
+    scripted_checks(monkeypatch, script)
+    cfg = UnlearnConfig(learning_rate=1e-5, budget=NO_TIME_LIMIT, steps=8, max_length=32, check_every=4,
+                        check_time_share=None)
+    result = DeepCUTUnlearner(model_from(state, data, tok), tok, cfg).unlearn(forget, retain, progress=False,
+                                                                              heldout=heldout)
+    report = result.calibration
+    assert report["request"] == "class" and [c["step"] for c in report["checks"]] == checked_at
+    assert report["stopped_because"] == stopped
+
+
 def recorded_run(tok, original, heldout, monkeypatch, steps, breaks):
     """A class request's run of ``steps``, its checks every two steps reading ``breaks`` (and forget accuracies
     nearer the target each time): (result, the weights after each step, the weights each check measured)."""

@@ -74,7 +74,7 @@ class UnlearnConfig:
     # a fifth of a 2-epoch retraining, leaving room for the error of the estimate under 25%
     budget: float = 0.4
     guard_accuracy_drop: float = 0.01  # calibrated runs: the utility guard (calibration module)
-    guard_recall_drop: Optional[float] = None  # None: the request's (5 points; mislabelled 10)
+    guard_recall_drop: Optional[float] = None  # None: the request's (5 points; mislabelled 15)
     heldout_sample: Optional[int] = 256  # held-out (or retain) rows each check predicts
     # fixed stopping rule (calibrate=False): stop once accuracy on the forget set (its training
     # labels) is at most this, checked every `check_every` steps; None: run all steps.
