@@ -268,14 +268,15 @@ def test_run_ends_on_the_check_nearest_its_target(tok, original, heldout, monkey
 
 
 @pytest.mark.parametrize("script, checked_at, stopped", [
-    ((0.9, 0.06, 0.01), [0, 4, 5], "target met"),  # 0.22 a step: 2% reached at step 5, where the check finds it
-    ((0.9, 0.06, 0.03, 0.01), [0, 4, 5, 8], "target met"),  # the early check misses it: the next is the regular one
-    ((0.9, 0.5, 0.4), [0, 4, 8], "steps"),  # 0.1 a step: 5 more steps, not before the regular check
+    ((0.9, 0.03, 0.01), [0, 4, 5], "target met"),  # x0.43 a step: 2% reached at step 5, where the check finds it
+    ((0.9, 0.03, 0.025, 0.01), [0, 4, 5, 8], "target met"),  # the early check misses it: the next is the regular one
+    ((0.9, 0.2, 0.1), [0, 4, 8], "steps"),  # x0.69 a step: 2% 7 steps on (2 in a straight line: 0.175 a step)
+    ((0.9, 0.5, 0.4), [0, 4, 8], "steps"),  # x0.86 a step: 23 more steps
 ])
 def test_a_class_request_checks_early_where_the_fall_of_its_accuracy_meets_the_target(
         tok, original, heldout, monkeypatch, script, checked_at, stopped):
-    """Checks every 4 steps; a kept check whose forget accuracy fell fast enough since the last one that, in a
-    straight line, it reaches the 2% target before the next check adds one check at that step."""
+    """Checks every 4 steps; a kept check whose forget accuracy fell fast enough since the last one that, at the same
+    rate per step, it reaches the 2% target before the next check adds one check at that step."""
     data, state = original
     forget, retain = data.partition(forget_indices(data, forget_class="tech"))
     scripted_checks(monkeypatch, script)
