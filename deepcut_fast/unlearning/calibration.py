@@ -454,7 +454,7 @@ class Calibrator:
             return None
         target = self.state["target"].forget_accuracy
         accuracy, earlier = now["shortfall"] + target, before["shortfall"] + target
-        if accuracy <= 0 or accuracy >= earlier:
+        if accuracy >= earlier:  # no fall (a missed target leaves accuracy above 2%, never 0)
             return None
         per_step = math.log(accuracy / earlier) / (now["step"] - before["step"])
         steps = max(1, math.ceil(math.log(target / accuracy) / per_step - 1e-9))  # 1e-9: float error
