@@ -6,6 +6,7 @@ import pytest
 import torch
 
 from deepcut_fast.cli import main
+from deepcut_fast.unlearning import compare
 from deepcut_fast.unlearning.compare import METHODS_COMPARED, REFERENCES, fit
 from deepcut_fast.unlearning.data import write_table
 from deepcut_fast.unlearning.recipe import RECIPE_FILE, Recipe
@@ -58,6 +59,26 @@ def test_compare_runs_every_method_on_csv_files(files, capsys):
     assert list(again["summary"]) == ["original", "retrain", "deepcut"]
     assert again["summary"]["retrain"]["test_f1"] == pytest.approx(retrain["test_f1"])
     assert sorted(p.name for p in (out / "cache").iterdir()) == cached
+
+
+def test_each_method_is_timed_against_retraining_steps_timed_beside_it(files, tmp_path, monkeypatch):
+    """The machine's speed drifts within a comparison: a method's time ratio divides by the
+    retraining steps timed right before and right after it, not by one timing for all."""
+    timed = iter([1.0, 2.0, 3.0])  # seconds per retraining step: before deepcut, between, after npo
+    monkeypatch.setattr(compare, "retrain_step_seconds", lambda *args, **kwargs: next(timed))
+    out = tmp_path / "o"
+    assert main(["compare", "--model", str(files / "original"), "--data", str(files / "train.csv"), "--id-column",
+                 "id", "--test", str(files / "test.csv"), "--forget-class", "tech", "--out", str(out), "--steps", "2",
+                 "--max-length", "32", "--methods", "deepcut,npo", "--one-retrain"]) == 0
+    report = json.loads((out / "report.json").read_text())
+    steps = report["timing"]["retrain_steps"]
+    assert report["timing"]["retrain_step_seconds"] == pytest.approx(2.0)  # the mean of every timing
+    for name, per_step in (("deepcut", 1.5), ("npo", 2.5)):
+        assert report["details"][name]["timing"]["retrain_step_seconds"] == pytest.approx(per_step)
+        assert report["summary"][name]["time_ratio"] == \
+            pytest.approx(report["summary"][name]["seconds"] / (per_step * steps))
+    assert report["summary"]["retrain"]["time_ratio"] == \
+        pytest.approx(report["summary"]["retrain"]["seconds"] / (2.0 * steps))
 
 
 @pytest.mark.parametrize("precision, dtype", [("fp32", None), ("bf16", torch.bfloat16)])
