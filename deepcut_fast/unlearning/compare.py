@@ -178,10 +178,10 @@ def compare_methods(original, tokenizer, sets, retrained, config: UnlearnConfig,
         for name, model, seconds in retrained:
             record(name, model, seconds, steps=recipe.steps(len(retain)))
     # Each method's time ratio divides by retraining steps timed right before and right after it:
-    # this machine's speed drifts within a comparison (Rotten Tomatoes, mislabelled, seed 0, the
-    # first method in its process: its steps, checks and budget probe went about 1.5x slower than
-    # on seed 1 and than the other methods' probes, so the run kept to 0.39 of its own estimate
-    # of an epoch, but measured 0.26 of retraining timed once, after every method).
+    # this machine's speed drifts within a comparison (Rotten Tomatoes, mislabelled, seed 0:
+    # DeepCUT's budget probe timed a retraining step at 1.13 s, the other methods' probes at
+    # 0.70-0.80 s and steps timed after every method at 0.85 s; the run kept to 0.39 of its own
+    # estimate of an epoch, but measured 0.26 of retraining timed once, after every method).
     step_seconds = [retrain_step_seconds(recipe, retain, tokenizer)]
     for name in methods:
         start = time.perf_counter()
