@@ -394,6 +394,36 @@ def test_checks_are_spaced_to_their_share_of_the_time(tok, original, heldout, sh
     assert [c["step"] for c in calibrator.state["checks"]] == list(range(0, 17, interval))
 
 
+@pytest.mark.parametrize("first, second, room, estimates, kept", [
+    (2.0, 1.0, True, [2.0, 1.0], 1.0), (1.0, 2.0, True, [1.0, 2.0], 1.0), (2.0, 1.0, False, [2.0, None], 2.0)])
+def test_retraining_is_timed_again_after_the_first_check_and_the_faster_kept(tok, original, heldout, first, second,
+                                                                             room, estimates, kept):
+    """The budget's probe runs once more after the first check, when the budget left holds ten
+    times what the first probe took (``room``), and the run's epoch estimate is the faster of
+    the two: scripted probes of ``first`` then ``second`` seconds a step, 3 steps an epoch."""
+    data, state = original
+    forget, retain = data.partition(forget_indices(data, forget_class="tech"))
+    model = model_from(state, data, tok)
+    cfg = UnlearnConfig(max_length=32, check_time_share=None, budget=NO_TIME_LIMIT).for_request("class")
+    calibrator = Calibrator(tok, forget, retain, heldout, cfg, "class")
+    optimizer = torch.optim.AdamW(model.parameters())
+    timings, probes = iter([first, second]), []
+
+    def probe():
+        probes.append(calibrator.state["checks"][-1]["step"])  # the last check before this timing
+        return next(timings)
+
+    calibrator.start_clock()
+    calibrator.begin(model, probe, 3, optimizer)
+    if not room:
+        calibrator.state["probe_seconds"] = NO_TIME_LIMIT * 3 * first  # the whole budget, and more
+    for step in range(1, 3 * cfg.check_every + 1):  # the model does not change: the run goes on
+        assert calibrator.after_step(step, model, optimizer, step_seconds=1e-3) is None
+    assert probes == ([0, cfg.check_every] if room else [0])
+    assert calibrator.state["epoch_estimates"] == [3 * e if e is not None else None for e in estimates]
+    assert calibrator.state["epoch_seconds"] == 3 * kept
+
+
 @pytest.mark.parametrize("given, kind, bound", [(None, "mislabelled", 0.15), (None, "class", 0.05), (None, "sample", 0.05),
                                                 (0.02, "mislabelled", 0.02)])
 def test_guard_recall_bound_is_the_requests_unless_given(given, kind, bound):

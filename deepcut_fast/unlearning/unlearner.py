@@ -435,6 +435,8 @@ def train_steps(model, tokenizer, forget: TextDataset, retain: TextDataset, conf
     if calibrator is not None:
         calibrator.start_clock()
     state = checkpoint.load() if checkpoint is not None else None
+    probe, epoch_steps = lambda: probe_seconds(model, tokenizer, retain, config), \
+        steps_per_epoch(len(retain), config.retain_batch_size)
     if state is not None:
         model.load_state_dict(state["model"])
         optimizer.load_state_dict(state["optimizer"])
@@ -450,9 +452,9 @@ def train_steps(model, tokenizer, forget: TextDataset, retain: TextDataset, conf
             extra_state.load_state_dict(state["extra"])
         if calibrator is not None:
             calibrator.load_state_dict(state["calibration"])
+            calibrator.use_probe(probe, epoch_steps)
     elif calibrator is not None:
-        if calibrator.begin(model, lambda: probe_seconds(model, tokenizer, retain, config),
-                            steps_per_epoch(len(retain), config.retain_batch_size), optimizer):
+        if calibrator.begin(model, probe, epoch_steps, optimizer):
             stop_reason = "target met before the first step"
     if calibrator is not None:
         forget = calibrator.training_forget(forget)
