@@ -61,11 +61,16 @@ def compare(corpus, cache):
 
 
 def cpu_name():
-    """The CPU's model name (Linux), else what ``platform`` knows."""
+    """The CPU's model name with its family, model and stepping (Linux: a virtual machine may name
+    only the vendor; on two days a CPU named "AMD EPYC" ran DeepCUT's bf16 steps 2.2 and 1.65
+    times as fast as fp32 ones), else what ``platform`` knows."""
     try:
-        lines = Path("/proc/cpuinfo").read_text().splitlines()
-        return next(line.split(":", 1)[1].strip() for line in lines if line.startswith("model name"))
-    except (OSError, StopIteration):
+        fields = dict(line.split(":", 1) for line in Path("/proc/cpuinfo").read_text().split("\n\n")[0].splitlines()
+                      if ":" in line)
+        fields = {key.strip(): value.strip() for key, value in fields.items()}
+        ids = ", ".join(f"{key} {fields[key]}" for key in ("cpu family", "model", "stepping") if key in fields)
+        return fields["model name"] + (f" ({ids})" if ids else "")
+    except (OSError, KeyError):
         return platform.processor() or platform.machine()
 
 
