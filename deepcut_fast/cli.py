@@ -34,7 +34,7 @@ from deepcut_fast.testing import synthetic_batch
 from deepcut_fast.unlearning.data import CORPORA
 from deepcut_fast.unlearning.demo import SCENARIOS, DemoOptions
 from deepcut_fast.unlearning.model import EMBEDDINGS, PRECISIONS
-from deepcut_fast.unlearning.calibration import REQUEST_SETTINGS, REQUESTS
+from deepcut_fast.unlearning.calibration import REQUEST_SETTINGS, REQUESTS, RETRAIN_SHARE
 from deepcut_fast.unlearning.unlearner import CHECKPOINT_EVERY, PRECISION_CHOICES, ConfigError, UnlearnConfig
 
 DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
@@ -143,11 +143,12 @@ def _config(args):
 
 
 def unlearn(args):
-    from deepcut_fast.unlearning.job import fine_tuning_precision, run_unlearn_job
+    from deepcut_fast.unlearning.job import retraining_settings, run_unlearn_job
 
     config = _config(args)
-    if args.retrain_precision is None:
-        config = replace(config, retrain_precision=fine_tuning_precision(args.model, args.previous))
+    given = _given(args, CONFIG_OPTIONS)
+    config = replace(config, **{k: v for k, v in retraining_settings(args.model, args.previous).items()
+                                if k not in given})
     if args.checkpoint_every < 1:
         raise ValueError(f"--checkpoint-every must be >= 1, got {args.checkpoint_every}")
     spec, columns = _data_options(args)
@@ -249,6 +250,9 @@ CONFIG_OPTIONS = {
     "retrain_precision": ("--retrain-precision", PRECISION_CHOICES,
                           "calibrated runs: the precision retraining runs in, for the budget's timed retraining steps "
                           "(default: the precision in the model's recipe.json, which finetune writes; else fp32)"),
+    "retrain_epochs": ("--retrain-epochs", float,
+                       "calibrated runs: the epochs retraining runs, of which the default budget is a fifth "
+                       "(default: the epochs in the model's recipe.json, which finetune writes; else 2.0)"),
     "gradient_checkpointing": ("--gradient-checkpointing", bool,
                                "recompute activations in the backward: less memory, more time"),
 }
@@ -281,6 +285,8 @@ def _config_default(name):
         return "per request: " + ", ".join(f"{kind} {settings[name]}" for kind, settings in REQUEST_SETTINGS.items())
     if value is None and name == "steps":
         return "calibrated runs: as many as the budget allows"
+    if value is None and name == "budget":
+        return f"{RETRAIN_SHARE:g} x retraining's epochs"
     return "off" if value is None else value
 
 
@@ -383,8 +389,9 @@ def build_parser():
     c.add_argument("--one-retrain", action="store_true", help="retrain once (no second seed for the noise floor)")
     c.add_argument("--methods", default=None, help="comma-separated methods to run (default: all)")
     _add_data_arguments(c)
-    # compare retrains as the recipe says: the budget's retraining precision is the recipe's
-    _add_config_options(c, {k: v for k, v in CONFIG_OPTIONS.items() if k != "retrain_precision"}, _config_default)
+    # compare retrains as the recipe says: the budget's retraining precision and epochs are the recipe's
+    _add_config_options(c, {k: v for k, v in CONFIG_OPTIONS.items() if k not in ("retrain_precision", "retrain_epochs")},
+                        _config_default)
     c.set_defaults(func=compare)
     a = sub.add_parser("audit", parents=[common], help="verify and print the audit record of an unlearn run")
     a.add_argument("run", help="the output folder of an unlearn run")

@@ -386,7 +386,7 @@ def test_checks_are_spaced_to_their_share_of_the_time(tok, original, heldout, sh
     optimizer = torch.optim.AdamW(model.parameters())
     calibrator.start_clock()
     step_seconds = 10.0  # scripted: far more than the test's own time, which the budget counts too
-    calibrator.begin(model, lambda: budget_steps * step_seconds / cfg.budget, 1, optimizer)
+    calibrator.begin(model, lambda: budget_steps * step_seconds / cfg.budget_epochs, 1, optimizer)
     assert calibrator.state["check_estimate"] > 0  # timed on the start's predictions
     calibrator.state["check_estimate"] = check_steps * step_seconds
     for step in range(1, 17):  # the model does not change: no check meets the target or breaks the guard

@@ -94,6 +94,7 @@ def test_training_runs_in_the_recipe_precision_whatever_the_cpu(monkeypatch, tok
 
 
 def test_compare_retrains_and_budgets_in_the_recipe_precision(files, tmp_path):
+    """The budget is a fifth of retraining as the recipe runs it: in its precision and epochs."""
     recipe = json.loads((files / "original" / RECIPE_FILE).read_text())
     (tmp_path / "bf16.json").write_text(json.dumps(dict(recipe, precision="bf16")))
     out = tmp_path / "o"
@@ -103,30 +104,36 @@ def test_compare_retrains_and_budgets_in_the_recipe_precision(files, tmp_path):
                  "--one-retrain"]) == 0
     report = json.loads((out / "report.json").read_text())
     assert report["recipe"]["precision"] == report["config"]["retrain_precision"] == "bf16"
+    assert report["config"]["retrain_epochs"] == recipe["epochs"]
+    assert report["details"]["deepcut"]["calibration"]["budget_epochs"] == pytest.approx(0.2 * recipe["epochs"])
     # a bf16 retraining is not the fp32 one: its cache name differs
     assert Recipe(**dict(recipe, precision="bf16")).cache_key() != Recipe(**recipe).cache_key()
 
 
-def test_unlearn_budgets_against_the_precision_the_model_was_fine_tuned_in(files, tmp_path, capsys):
-    """A model that finetune made in bf16 is budgeted against a bf16 retraining, and so is a
-    further request on the run's model (which has no recipe beside it); an option given wins; an
-    earlier run's unreadable report is named."""
+def test_unlearn_budgets_against_the_retraining_the_model_was_fine_tuned_in(files, tmp_path, capsys):
+    """A model that finetune made in bf16 over 3 epochs is budgeted against a bf16 retraining of
+    3 epochs (a fifth of it: 0.6 epochs), and so is a further request on the run's model (which
+    has no recipe beside it); options given win; an earlier run's unreadable report is named."""
     model = tmp_path / "bf16-model"
     shutil.copytree(files / "original", model)
     recipe = json.loads((model / RECIPE_FILE).read_text())
-    (model / RECIPE_FILE).write_text(json.dumps(dict(recipe, precision="bf16")))
-    for n in range(3):
+    (model / RECIPE_FILE).write_text(json.dumps(dict(recipe, precision="bf16", epochs=3.0)))
+    for n in range(4):
         (tmp_path / f"ids{n}.txt").write_text(f"tech-{n}\n")
 
-    def budgeted_precision(start, out, request, extra=()):
+    def budgeted_against(start, out, request, extra=()):
         assert main(["unlearn", *start, "--data", str(files / "train.csv"), "--id-column", "id", "--forget-ids",
                      str(tmp_path / f"ids{request}.txt"), "--test", str(files / "test.csv"), "--out", str(out),
                      "--steps", "1", "--max-length", "32", *extra]) == 0
-        return json.loads((out / "report.json").read_text())["config"]["retrain_precision"]
+        report = json.loads((out / "report.json").read_text())
+        return (report["config"]["retrain_precision"], report["config"]["retrain_epochs"],
+                pytest.approx(report["calibration"]["budget_epochs"]))
 
-    assert budgeted_precision(["--model", str(model)], tmp_path / "first", 0) == "bf16"
-    assert budgeted_precision(["--previous", str(tmp_path / "first")], tmp_path / "second", 1) == "bf16"
-    assert budgeted_precision(["--model", str(model)], tmp_path / "told", 2, ["--retrain-precision", "fp32"]) == "fp32"
+    assert budgeted_against(["--model", str(model)], tmp_path / "first", 0) == ("bf16", 3.0, 0.6)
+    assert budgeted_against(["--previous", str(tmp_path / "first")], tmp_path / "second", 1) == ("bf16", 3.0, 0.6)
+    assert budgeted_against(["--model", str(model)], tmp_path / "told", 2,
+                            ["--retrain-precision", "fp32", "--retrain-epochs", "1"]) == ("fp32", 1.0, 0.2)
+    assert budgeted_against(["--model", str(model)], tmp_path / "budget", 3, ["--budget", "0.3"]) == ("bf16", 3.0, 0.3)
 
     broken = tmp_path / "broken"
     shutil.copytree(tmp_path / "first", broken)

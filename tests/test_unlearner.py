@@ -124,6 +124,7 @@ def test_stopping_rule_waits_for_the_retain_samples(tok, original, monkeypatch):
     (dict(stop_forget_accuracy=0.1), "fixed stopping rule of a run without calibration"),
     (dict(request="everything"), "request must be one of"),
     (dict(budget=0), "budget must be a finite number > 0"),
+    (dict(retrain_epochs=float("inf")), "retrain_epochs must be a finite number > 0"),
     (dict(guard_recall_drop=2), "guard_recall_drop must be a fraction between 0 and 1"),
     (dict(forget_batch_size=0), "forget_batch_size must be >= 1"),
     (dict(stop_retain_drop=0.01), "stop_retain_drop needs stop_forget_accuracy"),
@@ -131,6 +132,13 @@ def test_stopping_rule_waits_for_the_retain_samples(tok, original, monkeypatch):
 def test_bad_config(changes, message):
     with pytest.raises(ValueError, match=message):
         UnlearnConfig(**changes)
+
+
+@pytest.mark.parametrize("changes, epochs", [({}, 0.4), (dict(retrain_epochs=3), 0.6), (dict(budget=0.3), 0.3),
+                                             (dict(budget=0.3, retrain_epochs=3), 0.3)])
+def test_default_budget_is_a_fifth_of_retraining(changes, epochs):
+    """Without a budget, a calibrated run gets a fifth of retraining's epochs (2 unless told)."""
+    assert UnlearnConfig(**changes).budget_epochs == pytest.approx(epochs)
 
 
 def test_epochs_give_steps():

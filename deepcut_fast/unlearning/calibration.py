@@ -89,6 +89,9 @@ REQUEST_SETTINGS = {
     "sample": dict(gamma=0.3, views=2, learning_rate=5e-5, embedding="auto", guard_recall_drop=0.05),
 }
 CLASS_TARGET = 0.02
+# the default time budget's share of retraining (UnlearnConfig.budget_epochs): a fifth, which leaves
+# room for an estimate up to 25% slow under the quarter of retraining's time a run may take
+RETRAIN_SHARE = 0.2
 SAMPLE_STEPS_WITHOUT_HELDOUT = 8
 MAX_UNDOS = 2  # the third guard failure ends the run
 MAX_INTERVAL_FACTOR = 4  # a sized check interval is at most this many times check_every
@@ -379,9 +382,9 @@ class Calibrator:
         return self.elapsed() + next_step_seconds + self.state["check_estimate"] > self._budget_seconds()
 
     def _budget_seconds(self):
-        """The run's time limit: ``budget`` times the estimated retraining epoch (no limit when
+        """The run's time limit: ``budget_epochs`` times the estimated retraining epoch (no limit when
         no step was timed: the target was met at the start)."""
-        return self.config.budget * (self.state["epoch_seconds"] or math.inf)
+        return self.config.budget_epochs * (self.state["epoch_seconds"] or math.inf)
 
     def interval(self):
         """Steps between checks: ``check_every``, or with ``check_time_share`` as many as make the
@@ -593,7 +596,7 @@ class Calibrator:
                     forgotten_classes=list(target.forgotten_classes), measured=target.measurable,
                     met=bool(target.measurable and self._met(_unflat(final))), stopped_because=reason,
                     rewound_to_step=final["step"] if rewound else None,
-                    start=checks[0], final=final, undone_checks=self.state["undos"], budget_epochs=self.config.budget,
+                    start=checks[0], final=final, undone_checks=self.state["undos"], budget_epochs=self.config.budget_epochs,
                     retrain_epoch_seconds_estimate=self.state["epoch_seconds"],
                     retrain_epoch_seconds_probes=self.state["epoch_estimates"], seconds=self.state["elapsed"],
                     seconds_split=self._seconds_split(), checks=checks)

@@ -147,7 +147,8 @@ def compare_methods(original, tokenizer, sets, retrained, config: UnlearnConfig,
     label_names = sets["train"].label_names
     request = request_kind(config.request, forget, retain)
     # every method: the same settings, target, guard and budget (a share of retraining as the recipe runs it)
-    config = replace(config.for_request(request, is_decoder_only(original)), retrain_precision=recipe.precision)
+    config = replace(config.for_request(request, is_decoder_only(original)), retrain_precision=recipe.precision,
+                     retrain_epochs=recipe.epochs)
     config = config.on_device(next(original.parameters()).device)
     forgotten = [label_names[c] for c in sorted(set(forget.labels) - set(retain.labels))] if request == "class" else []
     probed = dict(forget=forget, retain=retain, test=test)

@@ -64,6 +64,7 @@ class DemoOptions:
         if self.quick:
             self.train_epochs, self.memorise_schedule = 0.5, ((5e-5, True),)
             self.unlearn = replace(self.unlearn, steps=3)
+        self.unlearn = replace(self.unlearn, retrain_epochs=self.train_epochs)  # the budget's share of it
 
     def steps(self, data, epochs=None):
         """Training steps (batches of TRAIN_BATCH_SIZE) for ``epochs`` (default ``train_epochs``) over ``data``."""

@@ -190,16 +190,18 @@ def previous_run(run_dir):
     return run_dir / "model", read_json(run_dir / "report.json"), chain
 
 
-def fine_tuning_precision(model_dir, previous=None):
-    """The precision a retraining would repeat, which the time budget is measured in: the one in
-    the model's recipe.json (finetune writes it), with ``previous`` (an earlier run's folder) the
-    one that run budgeted against; fp32 when neither says."""
+def retraining_settings(model_dir, previous=None):
+    """How a retraining would run, which the time budget is measured against: {retrain_precision,
+    retrain_epochs} from the model's recipe.json (finetune writes it), with ``previous`` (an
+    earlier run's folder) the ones that run budgeted against; the config's defaults (fp32, 2
+    epochs) where neither says."""
     if previous is not None:
         report = Path(previous) / "report.json"  # a missing one is reported by the job
         config = read_json(report).get("config", {}) if report.is_file() else {}
-        return config.get("retrain_precision", "fp32")  # reports before the option: fp32
+        # reports before an option carry none: the default
+        return {k: config[k] for k in ("retrain_precision", "retrain_epochs") if k in config}
     recipe = saved_recipe(model_dir)
-    return "fp32" if recipe is None else recipe.precision
+    return {} if recipe is None else dict(retrain_precision=recipe.precision, retrain_epochs=recipe.epochs)
 
 
 def _request_sets(train, requests):

@@ -19,7 +19,7 @@ import torch.nn.functional as F
 from deepcut_fast.unlearning.evaluation import classification_metrics, predict
 from deepcut_fast.loss import BACKENDS, FORGET_PULLS, contrastive_unlearn_loss
 from deepcut_fast.queue import RetainQueue
-from deepcut_fast.unlearning.calibration import (REQUEST_SETTINGS, REQUESTS, Calibrator,
+from deepcut_fast.unlearning.calibration import (REQUEST_SETTINGS, REQUESTS, RETRAIN_SHARE, Calibrator,
                                                   fixed_sample, probe_seconds, request_kind, steps_per_epoch)
 from deepcut_fast.unlearning.data import TextDataset
 from deepcut_fast.unlearning.files import atomic_write, fault_point
@@ -50,7 +50,8 @@ class UnlearnConfig:
     the request is (``request``: "auto", or "class" / "sample" / "mislabelled"), takes that
     request's ``gamma``, ``views``, ``learning_rate`` and ``embedding`` where they are None, and
     runs until the forget set looks as it would to a retrained model, under a utility guard and
-    a time budget of ``budget`` retraining epochs; ``steps`` (or ``epochs``) then only caps it.
+    a time budget (``budget_epochs``: a fifth of retraining unless ``budget`` says); ``steps``
+    (or ``epochs``) then only caps it.
     With ``calibrate=False`` it runs ``steps`` (``epochs``: passes over the forget set), or
     until the fixed stopping rule below fires."""
     gamma: Optional[float] = None  # None: the request's setting (calibration.REQUEST_SETTINGS)
@@ -70,9 +71,9 @@ class UnlearnConfig:
     max_length: int = 96
     request: str = "auto"
     calibrate: bool = True
-    # calibrated runs: time limit, in epochs of retraining on the retain set; 0.4 keeps a run within
-    # a fifth of a 2-epoch retraining, leaving room for the error of the estimate under 25%
-    budget: float = 0.4
+    # calibrated runs: time limit, in epochs of retraining on the retain set; None: a fifth
+    # (calibration.RETRAIN_SHARE) of retraining's ``retrain_epochs`` (0.4 of a 2-epoch one)
+    budget: Optional[float] = None
     guard_accuracy_drop: float = 0.01  # calibrated runs: the utility guard (calibration module)
     guard_recall_drop: Optional[float] = None  # None: the request's (5 points; mislabelled 15)
     heldout_sample: Optional[int] = 256  # held-out (or retain) rows each check predicts
@@ -106,6 +107,9 @@ class UnlearnConfig:
     # calibrated runs: the precision retraining would run in, for the budget's timed retraining
     # steps (fp32: how transformers' Trainer fine-tunes unless told otherwise)
     retrain_precision: str = "fp32"
+    # calibrated runs: the epochs retraining would run (how the model was fine-tuned: its
+    # recipe.json, which finetune writes), of which the default budget is a share
+    retrain_epochs: float = 2.0
     gradient_checkpointing: bool = False
     # large batches: gradient caching in chunks of this many samples (None: off), and a queue of
     # this many recent retain embeddings as extra candidates (0: off)
@@ -129,7 +133,7 @@ class UnlearnConfig:
                      "stop_sample", "chunk_size", "heldout_sample"):
             if getattr(self, name) is not None and getattr(self, name) < 1:
                 fail(name, "must be >= 1")
-        for name in ("epochs", "temperature", "learning_rate", "budget"):
+        for name in ("epochs", "temperature", "learning_rate", "budget", "retrain_epochs"):
             value = getattr(self, name)
             if value is not None and not (0 < value < math.inf):
                 fail(name, "must be a finite number > 0")
@@ -168,14 +172,20 @@ class UnlearnConfig:
                        retrain_precision=resolve_precision(self.retrain_precision, device))
 
     def total_steps(self, forget_size, retain_size):
-        """The run's steps (a cap when calibrating: without steps or epochs, as many as ``budget``
+        """The run's steps (a cap when calibrating: without steps or epochs, as many as ``budget_epochs``
         epochs of retraining take, which a DeepCUT step, costlier than a retraining step, never
         reaches within the time budget)."""
         if self.steps is not None:
             return self.steps
         if self.epochs is not None:
             return steps_for(self.epochs, forget_size, self.forget_batch_size)
-        return max(self.check_every, steps_for(self.budget, retain_size, self.retain_batch_size))
+        return max(self.check_every, steps_for(self.budget_epochs, retain_size, self.retain_batch_size))
+
+    @property
+    def budget_epochs(self):
+        """A calibrated run's time limit in retraining epochs: ``budget``, else ``RETRAIN_SHARE``
+        of ``retrain_epochs``."""
+        return RETRAIN_SHARE * self.retrain_epochs if self.budget is None else self.budget
 
 
 def _views(model, inputs, config, kind):
