@@ -445,8 +445,11 @@ def train_steps(model, tokenizer, forget: TextDataset, retain: TextDataset, conf
     if calibrator is not None:
         calibrator.start_clock()
     state = checkpoint.load() if checkpoint is not None else None
-    probe, epoch_steps = lambda: probe_seconds(model, tokenizer, retain, config), \
-        steps_per_epoch(len(retain), config.retain_batch_size)
+    epoch_steps = steps_per_epoch(len(retain), config.retain_batch_size)
+
+    def probe():  # seconds of a retraining step, for the calibrated budget
+        return probe_seconds(model, tokenizer, retain, config)
+
     if state is not None:
         model.load_state_dict(state["model"])
         optimizer.load_state_dict(state["optimizer"])
